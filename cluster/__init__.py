@@ -1,0 +1,1 @@
+"""Cluster topology: where each actor runs, placement groups, local multi-node clusters."""

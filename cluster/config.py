@@ -1,0 +1,54 @@
+"""Topology configuration: resources for draft workers and target ranks (Ray-free, pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from specserve.config import StrictModel
+
+
+class ActorResources(StrictModel):
+    """What one actor asks Ray for. Where it runs follows from these, not from code."""
+
+    num_cpus: float = Field(0.25, ge=0.0, description="CPUs reserved (fractional is fine on small CPU boxes).")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved (0 on CPU-only clusters).")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type to require, e.g. 'A10G' or 'H100' (None: any)."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources to require, e.g. {'draft_node': 0.01} to pin to nodes started "
+        "with that resource.",
+    )
+    num_threads: int = Field(1, ge=1, le=1024, description="torch threads this actor may use on CPU.")
+
+
+class TopologyConfig(StrictModel):
+    """How many draft workers and target groups, and where they run."""
+
+    num_draft_workers: int = Field(1, ge=0, le=256, description="Draft worker actors (0: no drafting).")
+    num_target_groups: int = Field(1, ge=1, le=256, description="Target replicas, each a tensor-parallel group.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks (GPUs) per target group.")
+    draft_worker: ActorResources = Field(
+        default_factory=ActorResources, description="Resources of each draft worker."
+    )
+    target_rank: ActorResources = Field(
+        default_factory=lambda: ActorResources(num_cpus=0.5, num_threads=1),
+        description="Resources of each target rank.",
+    )
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK",
+        description="Placement group strategy for the ranks of one target group (STRICT_PACK keeps a TP "
+        "group on one node, where NVLink/shared memory lives).",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend of a TP group: auto = nccl with CUDA, gloo otherwise."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TopologyConfig:
+        if self.backend == "nccl" and self.target_rank.num_gpus == 0:
+            raise ValueError("backend 'nccl' needs target_rank.num_gpus > 0; use 'gloo' on CPU")
+        return self

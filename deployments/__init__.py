@@ -1,0 +1,1 @@
+"""Ray Serve application: builder, OpenAI-compatible API, config."""

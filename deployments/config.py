@@ -1,0 +1,105 @@
+"""The Serve application's configuration: what ``deployments.app:build_app`` accepts.
+
+The same model validates ``specserve serve --config FILE``, the args a RayService's
+``serveConfigV2`` passes to the builder, and (through the JSON schema the Helm chart
+ships) the chart's values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+
+from cluster.config import TopologyConfig
+from specserve.config import DrafterConfig, ModelConfig, StrictModel, validated
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling of the OpenAI ingress deployment."""
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest ingress replicas.")
+    max_replicas: int = Field(2, ge=1, le=1000, description="Most ingress replicas.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class RouterConfig(StrictModel):
+    """The router that moves blocks between draft workers and verifier groups."""
+
+    pipelining: bool = Field(
+        True,
+        description="Draft the next block while the current one is verified, assuming full acceptance "
+        "(discarded on a rejection).",
+    )
+    batching: bool = Field(True, description="Verify blocks of several sequences in one target pass.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences in one verification pass.")
+    max_running_requests: int = Field(
+        64, ge=1, le=100000, description="Sequences decoded at once; more wait in the queue."
+    )
+    max_waiting_requests: int = Field(
+        256, ge=0, le=1000000, description="Queued requests beyond which new ones get HTTP 503."
+    )
+
+
+class ServeConfig(StrictModel):
+    """HTTP endpoint and Serve deployment options."""
+
+    model_name: str = Field(
+        "smollm2-135m-instruct", description="Name clients pass as 'model' and /v1/models lists."
+    )
+    host: str = Field("127.0.0.1", description="HTTP bind address for `specserve serve`.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port for `specserve serve`.")
+    max_ongoing_requests: int = Field(
+        64, ge=1, le=100000, description="Per-replica limit of in-flight requests; beyond it clients get 503."
+    )
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Ingress autoscaling."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context limit (prompt + max_tokens); None: the model's own."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+
+
+class AppConfig(StrictModel):
+    """Everything ``build_app`` needs: model, drafter, topology, router and serving options."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The target model.")
+    drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="The drafter.")
+    topology: TopologyConfig = Field(default_factory=TopologyConfig, description="Where actors run.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Router behaviour.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP and Serve options.")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
+        """Validate builder args (a dict; ``{'config': PATH}`` loads a YAML file)."""
+        args = dict(args or {})
+        if "config" in args:
+            path = Path(args.pop("config"))
+            args = {**load_yaml(path), **args}
+        return validated(cls, args)  # type: ignore[return-value]
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (an empty file is an empty config)."""
+    from specserve.errors import SpecServeError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise SpecServeError(f"config file not found: {path}", param="config") from None
+    except yaml.YAMLError as e:
+        raise SpecServeError(f"config file {path} is not valid YAML: {e}", param="config") from None
+    if not isinstance(data, dict):
+        raise SpecServeError(f"config file {path} must hold a mapping at the top level", param="config")
+    return data

@@ -1,0 +1,170 @@
+"""``specserve bench``: speculative decoding against plain decoding of the same model, in one run.
+
+For every prompt the baseline (drafter 'none') and each chosen drafter run back to back
+(interleaved, so drift in machine speed hits both alike), optionally followed by peers
+(transformers' ``generate`` with and without prompt lookup). Writes ``results.json``
+and ``speedup.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specserve.config import DrafterConfig, SamplingParams
+from specserve.engine import SpecEngine, check_lengths, encode_prompt
+
+BASELINE = "none"
+PEERS = ("hf_generate", "hf_prompt_lookup")
+
+
+@dataclass
+class BenchSpec:
+    """What to run."""
+
+    drafters: list[DrafterConfig]
+    params: SamplingParams
+    chat: bool
+    peers: bool = True
+    prompt_lookup_num_tokens: int = 10
+
+
+def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir: Path) -> dict:
+    """Run the benchmark and write ``results.json`` and ``speedup.png`` under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    baseline = engine.with_drafter(DrafterConfig(kind="none", num_speculative_tokens=0))
+    engines = {BASELINE: baseline} | {d.spec(): engine.with_drafter(d) for d in spec.drafters}
+    methods = list(engines) + (list(PEERS) if spec.peers else [])
+    encoded = []
+    for rec in prompts:
+        ids = encode_prompt(engine.target, rec["prompt"], spec.chat)
+        check_lengths(len(ids), spec.params, engine.target.max_context)
+        encoded.append(ids)
+    baseline.generate(encoded[0], spec.params.model_copy(update={"max_tokens": 4}))  # warm-up
+
+    rows = []
+    bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run")
+    for rec, ids in zip(prompts, encoded):
+        row: dict = {"id": rec["id"], "set": rec.get("set", ""), "prompt_tokens": len(ids), "runs": {}}
+        for name in methods:
+            if name in engines:
+                r = engines[name].generate(ids, spec.params)
+                run = {"tokens": len(r.token_ids), "seconds": r.elapsed_s, "token_ids": r.token_ids,
+                       "mean_accepted_length": r.stats.mean_accepted_length,
+                       "acceptance_by_position": r.stats.acceptance_by_position(),
+                       "stats": r.stats.to_dict()}
+            else:
+                run = _run_peer(engine, ids, spec, name)
+            run["tokens_per_s"] = run["tokens"] / run["seconds"] if run["seconds"] else 0.0
+            row["runs"][name] = run
+            bar.set_postfix_str(f"{name} {run['tokens_per_s']:.1f} tok/s")
+            bar.update()
+        base = row["runs"][BASELINE]
+        for name, run in row["runs"].items():
+            run["speedup"] = run["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
+            run["matches_baseline"] = run["token_ids"] == base["token_ids"]
+        rows.append(row)
+    bar.close()
+
+    results = {
+        "config": {
+            "model": engine.target.path,
+            "dtype": str(engine.target.dtype).removeprefix("torch."),
+            "params": spec.params.model_dump(),
+            "chat": spec.chat,
+            "drafters": [d.model_dump() for d in spec.drafters],
+            "threads": torch.get_num_threads(),
+        },
+        "methods": methods,
+        "overall": summarize(rows, methods),
+        "by_set": {s: summarize([r for r in rows if r["set"] == s], methods)
+                   for s in sorted({r["set"] for r in rows})},
+        "prompts": rows,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out_dir / "speedup.png")
+    return results
+
+
+def _run_peer(engine: SpecEngine, ids: list[int], spec: BenchSpec, name: str) -> dict:
+    """transformers' own generate, plain or with prompt lookup (assisted generation), greedy."""
+    model = engine.target.model
+    kwargs: dict = {"max_new_tokens": spec.params.max_tokens, "do_sample": False,
+                    "pad_token_id": engine.target.tokenizer.eos_token_id}
+    if name == "hf_prompt_lookup":
+        kwargs["prompt_lookup_num_tokens"] = spec.prompt_lookup_num_tokens
+    if spec.params.temperature > 0:
+        kwargs.update(do_sample=True, temperature=spec.params.temperature, top_p=spec.params.top_p)
+    input_ids = torch.tensor([ids], device=engine.target.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    seconds = time.perf_counter() - t0
+    new = out[0, len(ids):].tolist()
+    return {"tokens": len(new), "seconds": seconds, "token_ids": new}
+
+
+def summarize(rows: list[dict], methods: list[str]) -> dict:
+    """Per method: aggregate tokens/s (total tokens over total time), speedup over the baseline,
+    median per-prompt speedup, mean accepted length, exact-match share."""
+    out = {}
+    if not rows:
+        return out
+    base_tps = _tps(rows, BASELINE)
+    for m in methods:
+        tps = _tps(rows, m)
+        runs = [r["runs"][m] for r in rows]
+        out[m] = {
+            "tokens_per_s": tps,
+            "speedup": tps / base_tps if base_tps else 0.0,
+            "median_speedup": statistics.median(r["speedup"] for r in runs),
+            "min_speedup": min(r["speedup"] for r in runs),
+            "mean_accepted_length": statistics.fmean(r.get("mean_accepted_length", 1.0) for r in runs),
+            "matches_baseline": sum(r["matches_baseline"] for r in runs) / len(runs),
+            "prompts": len(runs),
+        }
+    return out
+
+
+def _tps(rows: list[dict], method: str) -> float:
+    tokens = sum(r["runs"][method]["tokens"] for r in rows)
+    seconds = sum(r["runs"][method]["seconds"] for r in rows)
+    return tokens / seconds if seconds else 0.0
+
+
+def plot(results: dict, path: Path) -> None:
+    """Speedup over plain decoding per prompt set and method, with per-prompt points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in results["methods"] if m != BASELINE]
+    sets = list(results["by_set"])
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(sets) * max(1, len(methods)) / 2), 4.5))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(sets))]
+        ys = [results["by_set"][s][m]["speedup"] for s in sets]
+        bars = ax.bar(xs, ys, width, label=m)
+        for x, y, b in zip(xs, ys, bars):
+            ax.annotate(f"{y:.2f}x", (x, y), ha="center", va="bottom", fontsize=8)
+        for i, s in enumerate(sets):
+            pts = [r["runs"][m]["speedup"] for r in results["prompts"] if r["set"] == s]
+            ax.scatter([xs[i]] * len(pts), pts, s=6, color="black", alpha=0.4, zorder=3)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(sets)), sets)
+    ax.set_ylabel("speedup over plain decoding (tokens/s ratio)")
+    cfg = results["config"]
+    ax.set_title(f"{Path(cfg['model']).name} {cfg['dtype']}, max_tokens={cfg['params']['max_tokens']}, "
+                 f"T={cfg['params']['temperature']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

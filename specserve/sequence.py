@@ -1,0 +1,93 @@
+"""One request's token state and its stop conditions.
+
+Tokens are committed one at a time, checking max tokens, EOS and stop strings after
+each, so a block that crosses a stop condition ends exactly where plain decoding would.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from transformers import PreTrainedTokenizerBase
+
+from specserve.config import SamplingParams
+from specserve.stats import SpecStats
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """Prompt, generated tokens, finish state and statistics of one request."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_token_ids: Iterable[int],
+        seq_id: str | None = None,
+    ):
+        self.seq_id = seq_id or f"seq-{next(_ids)}"
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set() if params.ignore_eos else set(eos_token_ids)
+        self.finished = False
+        self.finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+        self.stop_text_end: int | None = None  # text is cut here when a stop string matched
+        self.stats = SpecStats()
+
+    @property
+    def all_ids(self) -> list[int]:
+        """Prompt followed by generated tokens."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def last_id(self) -> int:
+        """The newest token: the one the next verification step starts from."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still allowed by max_tokens."""
+        return self.params.max_tokens - len(self.output_ids)
+
+    def commit(self, tokens: Iterable[int]) -> list[int]:
+        """Append verified tokens until a stop condition; return the tokens actually appended."""
+        appended: list[int] = []
+        for tok in tokens:
+            if self.finished:
+                break
+            self.output_ids.append(tok)
+            appended.append(tok)
+            if tok in self.eos_token_ids:
+                self._finish("stop")
+            elif self.params.stop and self._hit_stop_string():
+                self._finish("stop")
+            elif len(self.output_ids) >= self.params.max_tokens:
+                self._finish("length")
+        return appended
+
+    def _hit_stop_string(self) -> bool:
+        text = self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        hits = [i for s in self.params.stop if (i := text.find(s)) >= 0]
+        if hits:
+            self.stop_text_end = min(hits)
+            return True
+        return False
+
+    def _finish(self, reason: str) -> None:
+        self.finished = True
+        self.finish_reason = reason
+
+    @property
+    def text(self) -> str:
+        """Generated text, special tokens removed, cut before a matched stop string."""
+        text = self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        return text[: self.stop_text_end] if self.stop_text_end is not None else text
+
+    def abort(self, reason: str = "abort") -> None:
+        """End the sequence early (client gone, server error)."""
+        self._finish(reason)

@@ -1,0 +1,186 @@
+"""The target side: per-sequence KV caches, one forward pass per block, acceptance, rollback.
+
+Cache invariant: a sequence's cache holds every committed token except the newest one.
+A step feeds ``[newest] + draft`` (k + 1 tokens), gets k + 1 next-token distributions,
+accepts n draft tokens plus one recovered/bonus token, and crops the cache back to the
+committed prefix (prior + newest + n accepted), dropping the k - n rejected entries.
+Plain decoding is the same step with k = 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from specserve.config import SamplingParams
+from specserve.models import LoadedModel
+from specserve.sampling import Verdict, make_generator, verify_block
+
+
+@dataclass
+class TargetState:
+    """What the target keeps for one sequence."""
+
+    cache: DynamicCache
+    params: SamplingParams
+    generator: torch.Generator | None
+    num_cached: int = 0
+
+
+@dataclass
+class StepRequest:
+    """One sequence's block to verify."""
+
+    seq_id: str
+    last_id: int
+    draft_tokens: list[int]
+    draft_probs: torch.Tensor | None = None  # [k, vocab] or None (deterministic draft)
+
+
+@dataclass
+class StepResult:
+    """Verification outcome of one block, with the target hidden states a drafter may need."""
+
+    verdict: Verdict
+    # [num_accepted + 1, len(layers) * hidden]: features of the inputs the cache kept (newest + accepted).
+    hidden: torch.Tensor | None = None
+    verify_time_s: float = 0.0
+
+
+@dataclass
+class Verifier:
+    """Verifies blocks for many sequences against one target model.
+
+    ``hidden_layers`` lists target layers whose hidden states are returned with each step
+    (for drafters conditioned on the target); empty means none are computed.
+    """
+
+    target: LoadedModel
+    hidden_layers: tuple[int, ...] = ()
+    states: dict[str, TargetState] = field(default_factory=dict)
+
+    @torch.inference_mode()
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> torch.Tensor | None:
+        """Prefill all prompt tokens but the last; return their hidden features if requested."""
+        cache = DynamicCache(config=self.target.model.config)
+        gen = None if params.greedy else make_generator(params.seed)
+        state = TargetState(cache, params, gen)
+        self.states[seq_id] = state
+        prefix = prompt_ids[:-1]
+        if not prefix:
+            return None
+        out = self._forward(state, prefix)
+        state.num_cached = len(prefix)
+        return self._features(out, 0, len(prefix))
+
+    def free(self, seq_id: str) -> None:
+        """Forget a sequence (finished, aborted, or its client went away)."""
+        self.states.pop(seq_id, None)
+
+    @torch.inference_mode()
+    def step(self, req: StepRequest) -> StepResult:
+        """Verify one sequence's block in one forward pass."""
+        t0 = time.perf_counter()
+        state = self.states[req.seq_id]
+        inputs = [req.last_id] + list(req.draft_tokens)
+        out = self._forward(state, inputs)
+        logits = out.logits[0]  # [k + 1, vocab]
+        return self._accept(state, req, logits, out, 0, time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def step_batch(self, reqs: list[StepRequest]) -> list[StepResult]:
+        """Verify several sequences' blocks (ragged lengths) in one batched forward pass.
+
+        Caches of different lengths are left-padded to a common length and inputs right-padded;
+        the attention mask hides the padding and explicit position ids keep RoPE exact.
+        """
+        if len(reqs) == 1:
+            return [self.step(reqs[0])]
+        t0 = time.perf_counter()
+        states = [self.states[r.seq_id] for r in reqs]
+        inputs = [[r.last_id] + list(r.draft_tokens) for r in reqs]
+        lens = [s.num_cached for s in states]
+        max_len, max_in = max(lens), max(len(x) for x in inputs)
+        device = self.target.device
+        pad_id = 0
+        input_ids = torch.tensor([x + [pad_id] * (max_in - len(x)) for x in inputs], device=device)  # [B, m]
+        mask = torch.zeros(len(reqs), max_len + max_in, dtype=torch.long, device=device)  # [B, L + m]
+        for i, (n_cached, x) in enumerate(zip(lens, inputs)):
+            mask[i, max_len - n_cached : max_len + len(x)] = 1
+        positions = torch.stack([torch.arange(n, n + max_in, device=device) for n in lens])  # [B, m]
+        cache = _stack_caches([s.cache for s in states], lens, max_len)
+        out = self.target.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=bool(self.hidden_layers),
+        )
+        elapsed = time.perf_counter() - t0
+        results = []
+        for i, (req, state, x) in enumerate(zip(reqs, states, inputs)):
+            # Row i's cache is its real prefix plus its real inputs, without the padding.
+            state.cache = _row_cache(out.past_key_values, i, max_len - lens[i], max_len + len(x))
+            state.num_cached = lens[i] + len(x)
+            logits = out.logits[i, : len(x)]  # [k_i + 1, vocab]
+            results.append(self._accept(state, req, logits, out, i, elapsed / len(reqs), fed=len(x)))
+        return results
+
+    def _forward(self, state: TargetState, inputs: list[int]):
+        ids = torch.tensor([inputs], device=self.target.device)  # [1, m]
+        out = self.target.model(
+            input_ids=ids,
+            past_key_values=state.cache,
+            use_cache=True,
+            output_hidden_states=bool(self.hidden_layers),
+        )
+        state.num_cached += len(inputs)
+        return out
+
+    def _accept(self, state: TargetState, req: StepRequest, logits: torch.Tensor, out, row: int,
+                elapsed: float, fed: int | None = None) -> StepResult:
+        verdict = verify_block(logits, req.draft_tokens, req.draft_probs, state.params, state.generator)
+        fed = fed if fed is not None else len(req.draft_tokens) + 1
+        drop = fed - (verdict.num_accepted + 1)  # rejected draft entries to remove from the cache
+        if drop:
+            state.cache.crop(-drop)
+            state.num_cached -= drop
+        hidden = self._features(out, row, verdict.num_accepted + 1) if self.hidden_layers else None
+        return StepResult(verdict, hidden, elapsed)
+
+    def _features(self, out, row: int, n: int) -> torch.Tensor | None:
+        if not self.hidden_layers:
+            return None
+        # hidden_states[0] is the embedding output; layer j's output is hidden_states[j + 1].
+        return torch.cat([out.hidden_states[j + 1][row, :n] for j in self.hidden_layers], dim=-1)
+
+
+def _stack_caches(caches: list[DynamicCache], lens: list[int], max_len: int) -> DynamicCache:
+    """One batched cache from per-sequence caches, left-padded with zeros to ``max_len``."""
+    layers = []
+    for li in range(len(caches[0].layers)):
+        ks, vs = [], []
+        for c, n in zip(caches, lens):
+            k, v = c.layers[li].keys, c.layers[li].values  # [1, heads, n, dim]
+            pad = max_len - n
+            if pad:
+                k = torch.nn.functional.pad(k, (0, 0, pad, 0))
+                v = torch.nn.functional.pad(v, (0, 0, pad, 0))
+            ks.append(k)
+            vs.append(v)
+        layers.append((torch.cat(ks), torch.cat(vs)))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _row_cache(cache: DynamicCache, row: int, start: int, end: int) -> DynamicCache:
+    """Row ``row`` of a batched cache, positions [start, end), as a batch-1 cache."""
+    return DynamicCache(
+        ddp_cache_data=[
+            (layer.keys[row : row + 1, :, start:end].contiguous(), layer.values[row : row + 1, :, start:end].contiguous())
+            for layer in cache.layers
+        ]
+    )
