@@ -160,11 +160,22 @@ class Verifier:
 
 
 def _stack_caches(caches: list[DynamicCache], lens: list[int], max_len: int) -> DynamicCache:
-    """One batched cache from per-sequence caches, left-padded with zeros to ``max_len``."""
+    """One batched cache from per-sequence caches, left-padded with zeros to ``max_len``.
+
+    A sequence whose prompt was a single token has an empty (uninitialised) cache: it is all padding.
+    """
+    filled = next((c for c, n in zip(caches, lens) if n > 0), None)
+    if filled is None:
+        return DynamicCache()
     layers = []
-    for li in range(len(caches[0].layers)):
+    for li, template in enumerate(filled.layers):
         ks, vs = [], []
         for c, n in zip(caches, lens):
+            if n == 0:
+                shape = (1, template.keys.shape[1], max_len, template.keys.shape[3])
+                ks.append(template.keys.new_zeros(shape))
+                vs.append(template.values.new_zeros(shape))
+                continue
             k, v = c.layers[li].keys, c.layers[li].values  # [1, heads, n, dim]
             pad = max_len - n
             if pad:

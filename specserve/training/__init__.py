@@ -1,0 +1,1 @@
+"""Training and evaluation of block drafters (``specserve train-drafter`` / ``eval-drafter``)."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real tokenizer, tiny random models built from it, and the real model (fp32)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+torch.set_num_threads(2)
+
+from specserve.config import ModelConfig  # noqa: E402
+from specserve.models import default_model_dir, load_model, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_dir():
+    """The embedded SmolLM2 converted to safetensors (converted once per cache)."""
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_dir):
+    """The real SmolLM2 tokenizer (tiny models share it so stop strings and chat templates are real)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama target with the real tokenizer, saved as an HF directory."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-target"), tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_dir(tmp_path_factory, tokenizer):
+    """A different tiny random Llama (another seed) to act as a draft model."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-draft"), tokenizer, seed=1, hidden_size=32, num_layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tiny_dir):
+    """The tiny target loaded in fp32."""
+    return load_model(ModelConfig(model=str(tiny_dir), dtype="fp32"))
+
+
+@pytest.fixture(scope="session")
+def real_target(default_dir):
+    """The real SmolLM2-135M-Instruct in fp32 (exactness holds bit for bit only in fp32)."""
+    return load_model(ModelConfig(dtype="fp32"))

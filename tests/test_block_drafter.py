@@ -1,0 +1,189 @@
+"""The block drafter: exact greedy output, lossless sampling, checkpoints, clear config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specserve.config import DrafterConfig, ModelConfig, SamplingParams
+from specserve.drafters import make_drafter
+from specserve.drafters.block import (
+    BlockDrafter,
+    BlockDrafterConfig,
+    build_model,
+    default_checkpoint,
+    drafter_config,
+    save_checkpoint,
+)
+from specserve.engine import SpecEngine
+from specserve.errors import SpecServeError
+from specserve.models import load_model, make_tiny_model
+from specserve.sampling import logits_to_probs
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):\n",
+    "Hello",
+    "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4,",
+]
+TINY = BlockDrafterConfig(block_size=4, num_layers=2, target_layers=(0, 1))
+
+
+def block_engine(target, drafter: BlockDrafter, k: int, adaptive: bool = False) -> SpecEngine:
+    cfg = DrafterConfig(kind="block", num_speculative_tokens=k, adaptive_k=adaptive)
+    return SpecEngine(target, drafter, cfg)
+
+
+def plain(target, prompt, params) -> list[int]:
+    cfg = DrafterConfig(kind="none", num_speculative_tokens=0)
+    return SpecEngine(target, make_drafter(cfg, target), cfg).generate(prompt, params).token_ids
+
+
+@pytest.fixture(scope="module")
+def random_drafter(tiny_target) -> BlockDrafter:
+    torch.manual_seed(0)
+    return BlockDrafter(build_model(TINY, tiny_target).eval())
+
+
+@pytest.mark.parametrize("k,adaptive", [(1, False), (4, False), (8, False), (4, True)])
+def test_greedy_output_with_block_drafter_equals_plain_greedy(tiny_target, random_drafter, k, adaptive):
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    engine = block_engine(tiny_target, random_drafter, k, adaptive)
+    drafted = 0
+    for prompt in PROMPTS:
+        result = engine.generate(prompt, params)
+        assert result.token_ids == plain(tiny_target, prompt, params), (k, prompt)
+        drafted += result.stats.num_draft_tokens
+    assert drafted > 0
+    assert not random_drafter.states, "finished sequences must free their drafter state"
+
+
+def test_block_drafter_accepting_everything_keeps_its_context_in_step(tiny_target, random_drafter, monkeypatch):
+    """Force whole blocks to be accepted (draft = the target's own greedy tokens) and check bookkeeping."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    reference = plain(tiny_target, PROMPTS[0], params)
+    prompt_ids = tiny_target.tokenizer.encode(PROMPTS[0])
+    original = BlockDrafter.propose
+
+    def oracle(self, seq_id, token_ids, k):
+        block = original(self, seq_id, token_ids, k)  # runs the real pass (and its length check)
+        done = len(token_ids) - len(prompt_ids)
+        block.token_ids = reference[done:done + len(block.token_ids)]
+        return block
+
+    monkeypatch.setattr(BlockDrafter, "propose", oracle)
+    result = block_engine(tiny_target, random_drafter, 4).generate(prompt_ids, params)
+    assert result.token_ids == reference
+    assert result.stats.mean_accepted_length == 5.0
+
+
+def sequence_distribution(target, prompt_ids: list[int], params: SamplingParams) -> dict[tuple[int, int], float]:
+    """Exact probability of every 2-token continuation under the target with ``params``."""
+    with torch.inference_mode():
+        p1 = logits_to_probs(target.model(torch.tensor([prompt_ids])).logits[0, -1:], params)[0]
+        out = {}
+        for t1 in torch.nonzero(p1).flatten().tolist():
+            p2 = logits_to_probs(target.model(torch.tensor([prompt_ids + [t1]])).logits[0, -1:], params)[0]
+            for t2 in torch.nonzero(p2).flatten().tolist():
+                out[(t1, t2)] = float(p1[t1] * p2[t2])
+    return out
+
+
+def chi_square_p_value(counts: dict, expected: dict[tuple, float], n: int) -> float:
+    """Pearson's test of observed counts against probabilities; p-value via the regularised gamma."""
+    stat = sum((counts.get(o, 0) - n * p) ** 2 / (n * p) for o, p in expected.items())
+    assert sum(counts.values()) == sum(counts.get(o, 0) for o in expected), "an impossible outcome occurred"
+    dof = len(expected) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def sample_counts(engine: SpecEngine, prompt_ids: list[int], params: SamplingParams, n: int) -> dict:
+    counts: dict = {}
+    for seed in range(n):
+        ids = tuple(engine.generate(prompt_ids, params.model_copy(update={"seed": seed})).token_ids)
+        counts[ids] = counts.get(ids, 0) + 1
+    return counts
+
+
+def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_target, random_drafter, monkeypatch):
+    prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
+    params = SamplingParams(max_tokens=2, temperature=1.5, top_k=3, ignore_eos=True)
+    expected = sequence_distribution(tiny_target, prompt_ids, params)
+    assert len(expected) == 9
+    n = 1500
+    engine = block_engine(tiny_target, random_drafter, 4)
+    counts = sample_counts(engine, prompt_ids, params, n)
+    assert chi_square_p_value(counts, expected, n) > 1e-3
+
+    # The same experiment detects a drafter that hides its q (treated as one-hot): the test has power.
+    original = BlockDrafter.propose
+
+    def without_q(self, seq_id, token_ids, k):
+        block = original(self, seq_id, token_ids, k)
+        block.probs = None
+        return block
+
+    monkeypatch.setattr(BlockDrafter, "propose", without_q)
+    biased = sample_counts(engine, prompt_ids, params, n)
+    assert chi_square_p_value(biased, expected, n) < 1e-6
+
+
+def test_checkpoint_round_trips(tiny_target, random_drafter, tmp_path):
+    path = save_checkpoint(tmp_path / "d.pt", random_drafter.model, tiny_target, {"note": "test"},
+                           dtype=torch.float32)
+    loaded = make_drafter(DrafterConfig(kind="block", path=str(path)), tiny_target)
+    assert isinstance(loaded, BlockDrafter)
+    assert loaded.model.cfg == random_drafter.model.cfg
+    theirs = loaded.model.state_dict()
+    for name, value in random_drafter.model.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+    assert not any("embed" in k or "lm_head" in k for k in theirs), "target weights must not be saved"
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    a = block_engine(tiny_target, random_drafter, 4).generate(PROMPTS[0], params)
+    b = block_engine(tiny_target, loaded, 4).generate(PROMPTS[0], params)
+    assert a.stats.num_accepted_tokens == b.stats.num_accepted_tokens
+
+
+def test_checkpoint_for_another_target_is_refused(tiny_target, random_drafter, tokenizer, tmp_path):
+    other_dir = make_tiny_model(tmp_path / "other", tokenizer, seed=7)  # same shapes, other weights
+    other = load_model(ModelConfig(model=str(other_dir), dtype="fp32"))
+    path = save_checkpoint(tmp_path / "d.pt", random_drafter.model, other)
+    with pytest.raises(SpecServeError) as e:
+        make_drafter(DrafterConfig(kind="block", path=str(path)), tiny_target)
+    assert "another target" in str(e.value) and "embeddings differ" in str(e.value)
+    wide = load_model(ModelConfig(model=str(make_tiny_model(tmp_path / "wide", tokenizer, hidden_size=32)),
+                                  dtype="fp32"))
+    with pytest.raises(SpecServeError) as e:
+        make_drafter(DrafterConfig(kind="block", path=str(path)), wide)
+    assert "hidden_size 64 vs 32" in str(e.value)
+
+
+def test_missing_or_foreign_checkpoint_is_a_clear_error(tiny_target, tmp_path):
+    with pytest.raises(SpecServeError, match="not found"):
+        make_drafter(DrafterConfig(kind="block", path=str(tmp_path / "nope.pt")), tiny_target)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(SpecServeError, match="not a specserve block drafter checkpoint"):
+        make_drafter(DrafterConfig(kind="block", path=str(tmp_path / "foreign.pt")), tiny_target)
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"block_size": 0}, "block_size"),
+    ({"num_layers": 0}, "num_layers"),
+    ({"target_layers": [1, 1]}, "distinct"),
+    ({"heads": 3}, "heads"),
+])
+def test_bad_drafter_config_is_a_clear_error(data, needle):
+    with pytest.raises(SpecServeError) as e:
+        drafter_config(data)
+    assert needle in str(e.value)
+
+
+def test_target_layers_beyond_the_target_are_refused(tiny_target):
+    with pytest.raises(SpecServeError, match=r"target_layers \[5\] do not exist: the target has 2 layers"):
+        build_model(BlockDrafterConfig(target_layers=(0, 5)), tiny_target)
+
+
+def test_default_checkpoint_is_none_or_an_existing_file():
+    path = default_checkpoint()
+    assert path is None or path.is_file()
