@@ -177,6 +177,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start Ray and the Serve app; block until interrupted."""
+    from cluster.local import use_loopback
+
+    use_loopback()  # before Ray is imported: its sockets bind where the environment says
     from deployments.serve_local import serve_forever
 
     return serve_forever(args.config, host=args.host, port=args.port)

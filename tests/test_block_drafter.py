@@ -90,43 +90,38 @@ def sequence_distribution(target, prompt_ids: list[int], params: SamplingParams)
 
 
 def chi_square_p_value(counts: dict, expected: dict[tuple, float], n: int) -> float:
-    """Pearson's test of observed counts against probabilities; p-value via the regularised gamma."""
-    stat = sum((counts.get(o, 0) - n * p) ** 2 / (n * p) for o, p in expected.items())
-    assert sum(counts.values()) == sum(counts.get(o, 0) for o in expected), "an impossible outcome occurred"
-    dof = len(expected) - 1
+    """Pearson's test of observed counts against probabilities; cells expecting < 5 draws are pooled."""
+    assert sum(counts.get(o, 0) for o in expected) == n, "an outcome the target cannot produce occurred"
+    cells = [(counts.get(o, 0), n * p) for o, p in expected.items() if n * p >= 5]
+    small = [(counts.get(o, 0), n * p) for o, p in expected.items() if n * p < 5]
+    if small:
+        cells.append((sum(c for c, _ in small), sum(e for _, e in small)))
+    stat = sum((c - e) ** 2 / e for c, e in cells)
+    dof = len(cells) - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-def sample_counts(engine: SpecEngine, prompt_ids: list[int], params: SamplingParams, n: int) -> dict:
-    counts: dict = {}
-    for seed in range(n):
-        ids = tuple(engine.generate(prompt_ids, params.model_copy(update={"seed": seed})).token_ids)
-        counts[ids] = counts.get(ids, 0) + 1
-    return counts
-
-
-def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_target, random_drafter, monkeypatch):
+def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_target, random_drafter):
     prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
-    params = SamplingParams(max_tokens=2, temperature=1.5, top_k=3, ignore_eos=True)
+    params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
     expected = sequence_distribution(tiny_target, prompt_ids, params)
     assert len(expected) == 9
     n = 1500
     engine = block_engine(tiny_target, random_drafter, 4)
-    counts = sample_counts(engine, prompt_ids, params, n)
+    counts: dict = {}
+    for seed in range(n):
+        ids = tuple(engine.generate(prompt_ids, params.model_copy(update={"seed": seed})).token_ids)
+        counts[ids] = counts.get(ids, 0) + 1
+    assert engine.drafter.states == {}
     assert chi_square_p_value(counts, expected, n) > 1e-3
-
-    # The same experiment detects a drafter that hides its q (treated as one-hot): the test has power.
-    original = BlockDrafter.propose
-
-    def without_q(self, seq_id, token_ids, k):
-        block = original(self, seq_id, token_ids, k)
-        block.probs = None
-        return block
-
-    monkeypatch.setattr(BlockDrafter, "propose", without_q)
-    biased = sample_counts(engine, prompt_ids, params, n)
-    assert chi_square_p_value(biased, expected, n) < 1e-6
+    # The same counts reject a distribution that moves 7% of the mass between the two likeliest
+    # outcomes: the experiment is large enough to see a bias of that size.
+    top, second = sorted(expected, key=expected.get, reverse=True)[:2]
+    shifted = dict(expected)
+    shifted[top] -= 0.07
+    shifted[second] += 0.07
+    assert chi_square_p_value(counts, shifted, n) < 1e-3
 
 
 def test_checkpoint_round_trips(tiny_target, random_drafter, tmp_path):
@@ -138,7 +133,7 @@ def test_checkpoint_round_trips(tiny_target, random_drafter, tmp_path):
     theirs = loaded.model.state_dict()
     for name, value in random_drafter.model.state_dict().items():
         assert torch.equal(value, theirs[name]), name
-    assert not any("embed" in k or "lm_head" in k for k in theirs), "target weights must not be saved"
+    assert set(theirs) == {name for name, _ in random_drafter.model.named_parameters()}, "only own weights"
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     a = block_engine(tiny_target, random_drafter, 4).generate(PROMPTS[0], params)
     b = block_engine(tiny_target, loaded, 4).generate(PROMPTS[0], params)

@@ -45,7 +45,7 @@ def test_chain_loss_equals_expected_accepted_length_of_independent_positions():
     # Enumerate accept/reject outcomes of independent positions: the accepted length is the correct prefix.
     expected = 0.0
     for outcome in itertools.product([True, False], repeat=3):
-        prob = math.prod(pi if ok else 1 - pi for pi, ok in zip(p[0].tolist(), outcome))
+        prob = math.prod(pi if ok else 1 - pi for pi, ok in zip(p[0].tolist(), outcome, strict=True))
         expected += prob * next((i for i, ok in enumerate(outcome) if not ok), 3)
     assert expected_accepted_length(p).item() == pytest.approx(expected)
     assert expected == pytest.approx(0.9 + 0.9 * 0.5 + 0.9 * 0.5 * 0.2)

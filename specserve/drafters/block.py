@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError, field_validator
 from torch import nn
 
-from specserve.config import MAX_SPECULATIVE_TOKENS, DrafterConfig, SamplingParams, StrictModel, user_error_from
+from specserve.config import (
+    MAX_SPECULATIVE_TOKENS,
+    DrafterConfig,
+    SamplingParams,
+    StrictModel,
+    user_error_from,
+)
 from specserve.drafters.base import DraftBlock, Drafter
 from specserve.errors import SpecServeError
 from specserve.models import LoadedModel
@@ -69,8 +75,8 @@ class BlockDrafterConfig(StrictModel):
     rms_norm_eps: float | None = Field(None, gt=0, description="RMSNorm epsilon. None: the target's.")
     rope_theta: float | None = Field(None, gt=0, description="RoPE base. None: the target's.")
     init_from_target: bool = Field(
-        True, description="Initialise draft layer i from the target's last layers (same shapes) instead of "
-        "at random: training starts from weights that already read this model's hidden space.",
+        False, description="Initialise the draft layers from the target's last layers (same shapes) instead "
+        "of at random. Off by default: on SmolLM2 it trained no faster in a 25-step comparison.",
     )
 
     @field_validator("target_layers")
@@ -201,7 +207,7 @@ class BlockDrafterModel(nn.Module):
         """Copy the target's last ``num_layers`` decoder layers (and final norm) into the draft layers."""
         src_layers = target_model.model.layers[-len(self.layers):]
         with torch.no_grad():
-            for dst, src in zip(self.layers, src_layers):
+            for dst, src in zip(self.layers, src_layers, strict=True):
                 src_params = dict(src.named_parameters())
                 for name, p in dst.named_parameters():
                     key = name.replace("q_proj", "self_attn.q_proj").replace("k_proj", "self_attn.k_proj")
@@ -247,7 +253,7 @@ class BlockDrafterModel(nn.Module):
             same_block = same_block.repeat_interleave(k, 1)  # [T, T]
             ctx = ctx_mask.repeat_interleave(k, dim=1)  # [B, T, L]
             mask = torch.cat([ctx, same_block.expand(b, -1, -1)], dim=-1)[:, None]  # [B, 1, T, L + T]
-        for layer, (ck, cv) in zip(self.layers, ctx_kv):
+        for layer, (ck, cv) in zip(self.layers, ctx_kv, strict=True):
             x = layer(x, positions, ck, cv, mask, self.inv_freq)
         return self.norm(x).view(b, m, k, -1)
 
@@ -305,7 +311,7 @@ def check_fingerprint(saved: dict, target: LoadedModel, where: str) -> None:
                 param="drafter",
             )
     a, b = saved.get("embedding_signature", []), current["embedding_signature"]
-    if len(a) != len(b) or any(not math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-2) for x, y in zip(a, b)):
+    if len(a) != len(b) or any(not math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-2) for x, y in zip(a, b, strict=True)):
         raise SpecServeError(
             f"block drafter {where} was trained for another target (token embeddings differ from "
             f"{target.path}): train one for this model with `specserve train-drafter`",
@@ -445,7 +451,7 @@ class BlockDrafter(Drafter):
             state.kv = new
         else:
             state.kv = [(torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2))
-                        for (k, v), (nk, nv) in zip(state.kv, new)]
+                        for (k, v), (nk, nv) in zip(state.kv, new, strict=True)]
         state.length += n
 
     def _empty_kv(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -75,7 +75,7 @@ class TrainConfig(StrictModel):
     losses: LossConfig = Field(default_factory=LossConfig, description="Loss terms and weights.")
     steps: int = Field(300, ge=1, description="Optimiser steps (the training budget; equal across ablation arms).")
     batch_sequences: int = Field(4, ge=1, description="Sequences per step.")
-    anchors_per_sequence: int = Field(32, ge=1, description="Blocks drafted per sequence per step, at random "
+    anchors_per_sequence: int = Field(16, ge=1, description="Blocks drafted per sequence per step, at random "
                                       "response positions (DFlash trains many anchors per sequence).")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")

@@ -83,7 +83,7 @@ def regenerate(target: LoadedModel, examples: list[Example], cfg: DataConfig) ->
         out = target.model.generate(ids.to(target.device), attention_mask=mask.to(target.device),
                                     max_new_tokens=cfg.max_response_tokens, do_sample=False,
                                     eos_token_id=eos, pad_token_id=pad)
-        for e, row in zip(batch, out[:, width:].tolist()):
+        for e, row in zip(batch, out[:, width:].tolist(), strict=True):
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             e.response_ids = row[:cut]
 
@@ -146,7 +146,7 @@ def prepare(data_dir: Path, cfg: DataConfig, layers: tuple[int, ...], target: Lo
         for i in range(0, len(chunk), cfg.generate_batch_size):
             batch = chunk[i:i + cfg.generate_batch_size]
             seqs = [e.prompt_ids + e.response_ids for e in batch]
-            for e, s, f in zip(batch, seqs, target_features(target, layers, seqs)):
+            for e, s, f in zip(batch, seqs, target_features(target, layers, seqs), strict=True):
                 records.append({"source": e.source, "ids": torch.tensor(s, dtype=torch.int32), "features": f,
                                 "response_start": len(e.prompt_ids)})
                 n_tokens += len(s)

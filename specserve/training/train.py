@@ -163,8 +163,10 @@ def _resume(out: Path, cfg: TrainConfig, model: BlockDrafterModel, opt: torch.op
         (out / LOG).unlink(missing_ok=True)
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = {k: v for k, v in state["config"].items() if k not in ("steps", "save_every")}
-    current = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("steps", "save_every")}
+    # A run may be extended (more steps) or moved (another out_dir); anything else is another run.
+    free = ("steps", "save_every", "out_dir")
+    saved = {k: v for k, v in state["config"].items() if k not in free}
+    current = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in free}
     if saved != current:
         raise SpecServeError(f"{out} holds a run with another config: pass another --out or delete {path}",
                              param="out")

@@ -1,0 +1,116 @@
+"""Local Ray clusters on one machine, bound to 127.0.0.1 only.
+
+Used by ``specserve serve`` and the tests. ``LocalCluster`` simulates several nodes with
+different custom resources (e.g. a ``draft_node`` and a ``target_node``) so placement can
+be checked without a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_env() -> dict[str, str]:
+    """Environment that keeps every Ray and Serve socket on loopback, with token auth off for local use."""
+    return {
+        # Makes Ray bind its services to the loopback address instead of the primary interface.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Token ids and small blocks pass directly between actors, not through the object store.
+        "RAY_max_direct_call_object_size": "1000000",
+        "TOKENIZERS_PARALLELISM": "false",
+        "SPECSERVE_LOOPBACK_ONLY": "1",
+    }
+
+
+def use_loopback() -> None:
+    """Set the loopback environment in this process; call before Ray is imported and started."""
+    for key, value in loopback_env().items():
+        os.environ.setdefault(key, value)
+
+
+def pin_serve_grpc_to_loopback() -> None:
+    """On a loopback-only local cluster, bind Serve replicas' inter-deployment gRPC server to 127.0.0.1.
+
+    Ray Serve binds that server to all interfaces unconditionally; on a laptop or CI box the
+    project promises to listen on loopback only. Cluster deployments never set
+    SPECSERVE_LOOPBACK_ONLY, so pods keep talking to each other across the network.
+    """
+    if os.environ.get("SPECSERVE_LOOPBACK_ONLY") != "1":
+        return
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "_specserve_loopback", False):
+        return
+
+    def loopback(server, address: str):
+        return original(server, address.replace("[::]", LOOPBACK, 1))
+
+    loopback._specserve_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback
+
+
+def init_local_ray(num_cpus: float | None = None, resources: dict[str, float] | None = None, **kwargs):
+    """Start a single-node Ray on 127.0.0.1 (the dashboard and metrics included)."""
+    use_loopback()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    ray.init(
+        _node_ip_address=LOOPBACK,
+        num_cpus=num_cpus,
+        resources=resources,
+        include_dashboard=kwargs.pop("include_dashboard", False),
+        dashboard_host=LOOPBACK,
+        runtime_env={"env_vars": loopback_env()},
+        **kwargs,
+    )
+    return ray
+
+
+class LocalCluster:
+    """Several simulated Ray nodes in one machine (``ray.cluster_utils.Cluster``) on 127.0.0.1."""
+
+    def __init__(self, nodes: list[dict]):
+        """``nodes``: one dict per node, e.g. ``{"num_cpus": 1, "resources": {"draft_node": 1}}``;
+        the first is the head."""
+        use_loopback()
+        from ray.cluster_utils import Cluster
+
+        head, *workers = nodes
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"node_ip_address": LOOPBACK, **head},
+        )
+        self.nodes = [self.cluster.head_node]
+        for spec in workers:
+            self.nodes.append(self.cluster.add_node(node_ip_address=LOOPBACK, **spec))
+        self.cluster.wait_for_nodes()
+
+    @property
+    def address(self) -> str:
+        """GCS address to pass to ``ray.init``."""
+        return self.cluster.address
+
+    def connect(self):
+        """``ray.init`` against this cluster."""
+        import ray
+
+        ray.init(address=self.address, runtime_env={"env_vars": loopback_env()})
+        return ray
+
+    def node_ids(self) -> list[str]:
+        """Ray node ids, head first."""
+        return [n.node_id for n in self.nodes]
+
+    def shutdown(self) -> None:
+        """Stop Ray and every simulated node."""
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()

@@ -1,0 +1,266 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of the speculative router.
+
+``build_app(args)`` is what a RayService ``serveConfigV2`` imports
+(``import_path: deployments.app:build_app``); ``args`` is validated as
+:class:`deployments.config.AppConfig`. Deployment options (autoscaling, back-pressure)
+are computed from that config by ``deployment_options`` and logged.
+"""
+
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve import Application
+
+from cluster.local import pin_serve_grpc_to_loopback
+from deployments.config import AppConfig
+from deployments.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    completion_body,
+    error_response,
+    first_chunk,
+    new_id,
+    parse,
+    sse,
+)
+from specserve.config import SamplingParams
+from specserve.errors import SpecServeError
+
+log = logging.getLogger("specserve.app")
+
+
+@serve.deployment(name="SpecRouter")
+class SpecRouter:
+    """One router with its own draft workers and target groups (a model replica)."""
+
+    async def __init__(self, config: dict):
+        from actors.router import RouterCore
+
+        pin_serve_grpc_to_loopback()
+        self.core = RouterCore(AppConfig.model_validate(config))
+        await self.core.start()
+
+    async def generate(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[dict]:
+        """Stream chunks; errors become a final ``{"error": {...}}`` chunk so they cross the handle intact."""
+        from actors.router import Saturated, TargetFailed
+
+        try:
+            async for chunk in self.core.generate(prompt_ids, SamplingParams.model_validate(params), request_id):
+                yield chunk
+        except SpecServeError as e:
+            yield {"error": {"status": 400, "message": e.message, "param": e.param}}
+        except Saturated as e:
+            yield {"error": {"status": 503, "message": str(e), "param": None}}
+        except TargetFailed as e:
+            self.core.metrics.error(500)
+            yield {"error": {"status": 500, "message": f"target worker failed during generation: {e}",
+                             "param": None}}
+
+    async def status(self) -> dict:
+        return self.core.status()
+
+    async def held_sequences(self) -> dict:
+        return await self.core.held_sequences()
+
+    async def placement(self) -> dict:
+        return await self.core.placement()
+
+    async def check_health(self) -> None:
+        if not self.core.groups or any(not g.ranks for g in self.core.groups if g.index not in self.core.rebuilding):
+            raise RuntimeError("a target group has no ranks")
+
+    def __del__(self):
+        core = getattr(self, "core", None)
+        if core is not None:
+            try:
+                core.shutdown()
+            except Exception:
+                pass
+
+
+api = FastAPI(title="specserve", description="OpenAI-compatible speculative decoding server")
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress(api)
+class OpenAIIngress:
+    """HTTP front: validates OpenAI requests, tokenizes, streams the router's chunks back."""
+
+    def __init__(self, router, config: dict):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from specserve.models import resolve_model_path
+
+        pin_serve_grpc_to_loopback()
+        self.config = AppConfig.model_validate(config)
+        path = resolve_model_path(self.config.model.model, self.config.model.cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model_cfg = AutoConfig.from_pretrained(path)
+        self.max_context = int(getattr(model_cfg, "max_position_embeddings", 2048))
+        if self.config.serve.max_model_len:
+            self.max_context = min(self.max_context, self.config.serve.max_model_len)
+        self.router = router
+        self.model_name = self.config.serve.model_name
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "specserve", "max_model_len": self.max_context}]}
+
+    @api.get("/v1/router/status")
+    async def router_status(self) -> dict:
+        """Live request counts and sequences held by every worker (operators' view; tests check leaks)."""
+        status = await self.router.status.remote()
+        status["held"] = await self.router.held_sequences.remote()
+        return status
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, "text")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, "chat")
+
+    async def _handle(self, request: Request, kind: str):
+        try:
+            body = await request.body()
+            req = parse(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
+            if req.model != self.model_name:
+                raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                               "model", "model_not_found")
+            params = req.sampling(self.config.serve.default_max_tokens)
+            prompt_ids = self._prompt_ids(req, kind)
+            if len(prompt_ids) + params.max_tokens > self.max_context:
+                param = "messages" if kind == "chat" else "prompt"
+                if len(prompt_ids) < self.max_context:
+                    param = "max_tokens"
+                raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                               f"the model's context of {self.max_context} tokens", param)
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        stream = self.router.options(stream=True).generate.remote(prompt_ids, params.model_dump(mode="json"), rid)
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            first = await first_chunk(stream)
+            if "error" in first:
+                return error_response(first["error"])
+            return StreamingResponse(self._sse(kind, rid, first, stream, include_usage),
+                                     media_type="text/event-stream")
+        text, final = "", {}
+        try:
+            async for chunk in stream:
+                if "error" in chunk:
+                    return error_response(chunk["error"])
+                text += chunk["text"]
+                final = chunk
+        except BaseException:
+            stream.cancel()  # client gone or replica shutting down: the router frees the sequence
+            raise
+        return completion_body(kind, rid, self.model_name, text, final.get("finish_reason"), final.get("usage"),
+                               final.get("stats"), chunk=False)
+
+    def _prompt_ids(self, req, kind: str) -> list[int]:
+        if kind == "chat":
+            messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                        for m in req.messages]
+            if not any(m["content"].strip() for m in messages):
+                raise APIError(400, "messages: every message is empty", "messages")
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(t, int) and 0 <= t < len(self.tokenizer) for t in prompt):
+                raise APIError(400, "prompt: token ids must be integers within the vocabulary", "prompt")
+            return prompt
+        if not prompt.strip():
+            raise APIError(400, "prompt: must not be empty", "prompt")
+        return self.tokenizer.encode(prompt)
+
+    async def _sse(self, kind: str, rid: str, first: dict, stream, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            async for event in self._events(kind, rid, first, stream, include_usage):
+                yield event
+        finally:
+            # Runs when the client disconnects mid-stream too: cancelling frees the router's sequence.
+            stream.cancel()
+
+    async def _events(self, kind: str, rid: str, first: dict, stream, include_usage: bool) -> AsyncIterator[str]:
+        chunk, is_first = first, True
+        while True:
+            if "error" in chunk:
+                yield sse({"error": chunk["error"]})
+                break
+            finished = chunk.get("finish_reason") is not None
+            if chunk["text"] or is_first or finished:
+                yield sse(completion_body(kind, rid, self.model_name, chunk["text"], chunk.get("finish_reason"),
+                                          None, chunk.get("stats") if finished else None, chunk=True,
+                                          first=is_first))
+                is_first = False
+            if finished:
+                if include_usage:
+                    body = completion_body(kind, rid, self.model_name, "", None, chunk.get("usage"), None, chunk=True)
+                    body["choices"] = []
+                    yield sse(body)
+                break
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                break
+        yield sse("[DONE]")
+
+
+def deployment_options(config: AppConfig) -> dict[str, dict]:
+    """Serve options of each deployment, computed from the config."""
+    s = config.serve
+    return {
+        "OpenAIIngress": {
+            "autoscaling_config": {"min_replicas": s.autoscaling.min_replicas,
+                                   "max_replicas": s.autoscaling.max_replicas,
+                                   "target_ongoing_requests": s.autoscaling.target_ongoing_requests},
+            "max_ongoing_requests": s.max_ongoing_requests,
+            # Beyond this many queued requests Serve answers 503 instead of queueing forever.
+            "max_queued_requests": config.router.max_waiting_requests,
+            "ray_actor_options": {"num_cpus": 0.1},
+        },
+        "SpecRouter": {
+            "num_replicas": 1,
+            "max_ongoing_requests": config.router.max_running_requests + config.router.max_waiting_requests,
+            "ray_actor_options": {"num_cpus": 0.1},
+            "health_check_period_s": 10,
+        },
+    }
+
+
+def build_app(args: dict | None = None) -> Application:
+    """Application builder for ``serveConfigV2``: validates ``args`` as AppConfig."""
+    config = AppConfig.from_args(args)
+    opts = deployment_options(config)
+    log.info("specserve deployment options: %s", opts)
+    payload = config.model_dump(mode="json")
+    router = SpecRouter.options(**opts["SpecRouter"]).bind(payload)
+    return OpenAIIngress.options(**opts["OpenAIIngress"]).bind(router, payload)
+
+
+def wait_until_ready(app_name: str = "default", timeout_s: float = 300.0) -> None:
+    """Block until the Serve application is RUNNING (or raise with its status message)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status and status.status == "RUNNING":
+            return
+        if status and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"application {app_name} {status.status}: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"application {app_name} not ready after {timeout_s} s")

@@ -1,0 +1,195 @@
+"""OpenAI-compatible request models, error bodies and response/stream formatting (no Ray here)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from specserve.config import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: ``{"error": {message, type, param, code}}`` with a status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def type(self) -> str:
+        return {400: "invalid_request_error", 404: "invalid_request_error", 422: "invalid_request_error",
+                503: "server_overloaded"}.get(self.status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions. Unknown OpenAI fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="Served model name (see GET /v1/models).")
+    max_tokens: int | None = Field(None, description="Most tokens to generate.")
+    temperature: float = Field(1.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass in (0, 1].")
+    top_k: int = Field(0, description="Top-k filter (extension; 0 = off).")
+    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings.")
+    n: int = Field(1, description="Choices per request; only 1 is supported.")
+    stream: bool = Field(False, description="Stream server-sent events.")
+    stream_options: dict | None = Field(None, description="{'include_usage': bool}.")
+    ignore_eos: bool = Field(False, description="Extension: keep generating past EOS.")
+    presence_penalty: float = Field(0.0, description="Not supported beyond 0.")
+    frequency_penalty: float = Field(0.0, description="Not supported beyond 0.")
+    logprobs: Any = Field(None, description="Not supported.")
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """Validated core sampling parameters; errors name the OpenAI field."""
+        if self.n != 1:
+            raise APIError(400, f"n must be 1 (got {self.n}): one choice per request is supported", "n")
+        if self.presence_penalty or self.frequency_penalty:
+            raise APIError(400, "presence_penalty and frequency_penalty are not supported; pass 0",
+                           "presence_penalty" if self.presence_penalty else "frequency_penalty")
+        if self.logprobs not in (None, False, 0):
+            raise APIError(400, "logprobs are not supported", "logprobs")
+        data = {"max_tokens": self.max_tokens if self.max_tokens is not None else default_max_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "stop": self.stop, "ignore_eos": self.ignore_eos}
+        try:
+            return SamplingParams.model_validate(data)
+        except ValidationError as e:
+            raise from_validation(e) from None
+
+
+class CompletionRequest(_Common):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] = Field(description="Prompt text (or one-element list, or token ids).")
+    echo: bool = Field(False, description="Not supported.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            if len(v) != 1:
+                raise ValueError("exactly one prompt per request is supported")
+            return v[0]
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Common):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(description="The conversation so far.")
+    max_completion_tokens: int | None = Field(None, description="Newer name of max_tokens.")
+
+    @field_validator("messages")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("messages must contain at least one message")
+        return v
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return super().sampling(default_max_tokens)
+
+
+def from_validation(e: ValidationError) -> APIError:
+    """One 400 naming the first offending field."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int) or True]
+    param = ".".join(loc) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        msg = "field required"
+    return APIError(400, f"{param}: {msg}" if param else msg, param)
+
+
+def parse(model_cls: type[_Common], body: bytes) -> _Common:
+    """Parse a request body or raise a 400 APIError."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e) from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(kind: str, rid: str, model: str, text: str, finish_reason: str | None, usage: dict | None,
+                    stats: dict | None, *, chunk: bool, first: bool = False) -> dict:
+    """A completion (``kind='text'``) or chat completion (``kind='chat'``) response or stream chunk.
+
+    ``spec_decode`` carries the request's speculative decoding statistics (an extension, like vLLM's).
+    """
+    created = int(time.time())
+    if kind == "chat":
+        if chunk:
+            delta: dict = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        obj = "text_completion"
+    body: dict = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    if stats is not None:
+        body["spec_decode"] = spec_decode_summary(stats)
+    return body
+
+
+def spec_decode_summary(stats: dict) -> dict:
+    """The per-request statistics clients see, named as vLLM names them."""
+    keys = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "mean_accepted_length", "acceptance_rate",
+            "accepted_per_position", "acceptance_by_position", "draft_time_s", "verify_time_s")
+    return {k: stats[k] for k in keys if k in stats}
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def first_chunk(stream) -> dict:
+    """The first chunk of a router stream (errors arrive as a chunk too)."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return {"error": {"status": 500, "message": "generation ended without output", "param": None}}
+
+
+def error_response(err: dict):
+    """An error chunk from the router as an OpenAI-style JSON response."""
+    from fastapi.responses import JSONResponse
+
+    e = APIError(err["status"], err["message"], err.get("param"))
+    return JSONResponse(e.body(), status_code=e.status)

@@ -1,0 +1,44 @@
+"""``specserve serve``: a local Ray on 127.0.0.1 running the app, until interrupted."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from cluster.local import LOOPBACK, init_local_ray
+from deployments.app import build_app, wait_until_ready
+from deployments.config import AppConfig, load_yaml
+
+
+def start(config: AppConfig, app_name: str = "default") -> None:
+    """Start Serve's HTTP proxy on the config's host/port and deploy the app (Ray must be running)."""
+    from ray import serve
+
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.run(build_app(config.model_dump(mode="json")), name=app_name, route_prefix="/", blocking=False)
+    wait_until_ready(app_name)
+
+
+def serve_forever(config_path: str | None, host: str | None = None, port: int | None = None) -> int:
+    """Run until SIGINT/SIGTERM. Binds 127.0.0.1:8000 unless the config or flags say otherwise."""
+    data = load_yaml(config_path) if config_path else {}
+    if host or port:
+        data.setdefault("serve", {})
+        data["serve"].update({k: v for k, v in (("host", host), ("port", port)) if v})
+    config = AppConfig.from_args(data)
+    init_local_ray(include_dashboard=True)
+    start(config)
+    print(f"specserve: OpenAI API on http://{config.serve.host}:{config.serve.port}/v1 "
+          f"(model {config.serve.model_name!r}, drafter {config.drafter.spec()}); Ctrl-C stops", flush=True)
+    if config.serve.host != LOOPBACK:
+        print("specserve: note: listening beyond loopback", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+
+    serve.shutdown()
+    return 0
