@@ -49,9 +49,6 @@ class RouterMetrics:
         self._inc(m.GENERATION_TOKENS, num_tokens)
         self.m[m.E2E_LATENCY.name].observe(e2e_s, tags=self.tags)
 
-    def error(self, status: int) -> None:
-        self._inc(m.REQUEST_ERRORS, status=str(status))
-
     def draft_failure(self) -> None:
         self._inc(m.DRAFT_WORKER_RESTARTS)
 
@@ -64,3 +61,10 @@ class RouterMetrics:
     def set_queue(self, running: int, waiting: int) -> None:
         self.m[m.NUM_REQUESTS_RUNNING.name].set(running, tags=self.tags)
         self.m[m.NUM_REQUESTS_WAITING.name].set(waiting, tags=self.tags)
+
+
+def error_counter(model_name: str):
+    """The request error counter (label ``status``), for the HTTP ingress that answers errors."""
+    counter = _make(m.REQUEST_ERRORS)
+    counter.set_default_tags({"model": model_name})
+    return counter

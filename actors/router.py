@@ -130,6 +130,7 @@ class RouterCore:
         self._ids = itertools.count()
         self.eos_ids: set[int] = set()
         self.max_context = 0
+        self._cleanups: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Start draft workers and target groups (where the topology says) and wait until they are ready."""
@@ -177,7 +178,6 @@ class RouterCore:
                                  param="messages")
         limit = self.config.router.max_running_requests + self.config.router.max_waiting_requests
         if len(self.requests) + self.num_waiting >= limit:
-            self.metrics.error(503)
             raise Saturated(f"server is saturated ({limit} requests in flight); retry later")
         if params.seed is None:
             # Every rank of a TP group must draw the same random numbers: the router picks the seed.
@@ -202,7 +202,7 @@ class RouterCore:
             async for chunk in self._decode(req):
                 yield chunk
         finally:
-            await self._release(req)
+            self._release(req)
 
     def status(self) -> dict:
         """Live counts, for health checks and leak tests."""
@@ -212,6 +212,8 @@ class RouterCore:
 
     async def held_sequences(self) -> dict:
         """Sequences held by every worker and rank 0 of every group (all 0 when idle)."""
+        if self._cleanups:
+            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
         drafts = await asyncio.gather(*[w.num_sequences.remote() for w in self.workers], return_exceptions=True)
         targets = await asyncio.gather(*[g.num_sequences() for g in self.groups], return_exceptions=True)
         return {"router": len(self.requests), "draft_workers": [d if isinstance(d, int) else -1 for d in drafts],
@@ -348,11 +350,23 @@ class RouterCore:
             self.metrics.finished(seq.finish_reason or "stop", len(seq.output_ids), now - req.t_arrival)
         return chunk
 
-    async def _release(self, req: _Request) -> None:
+    def _release(self, req: _Request) -> None:
+        """Drop the request's state here at once, and on the workers in the background.
+
+        Runs from ``finally`` of a generator that may be closing because its client went away:
+        the remote frees are a separate task so a second cancellation cannot cut them short.
+        """
         seq_id = req.seq.seq_id
-        self.requests.pop(seq_id, None)
+        if self.requests.pop(seq_id, None) is None:
+            return
         self.running.release()
         self.metrics.set_queue(len(self.requests), self.num_waiting)
+        task = asyncio.get_running_loop().create_task(self._free_remote(req))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _free_remote(self, req: _Request) -> None:
+        seq_id = req.seq.seq_id
         if req.worker_index is not None:
             try:
                 await self.workers[req.worker_index].finish.remote(seq_id)

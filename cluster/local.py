@@ -54,8 +54,10 @@ def pin_serve_grpc_to_loopback() -> None:
     replica.add_port_to_grpc_server = loopback
 
 
-def init_local_ray(num_cpus: float | None = None, resources: dict[str, float] | None = None, **kwargs):
-    """Start a single-node Ray on 127.0.0.1 (the dashboard and metrics included)."""
+def init_local_ray(num_cpus: float | None = None, resources: dict[str, float] | None = None,
+                   metrics_export_port: int | None = None, **kwargs):
+    """Start a single-node Ray on 127.0.0.1 (dashboard optional; Prometheus metrics on
+    ``metrics_export_port`` when given)."""
     use_loopback()
     import ray
 
@@ -68,6 +70,7 @@ def init_local_ray(num_cpus: float | None = None, resources: dict[str, float] | 
         include_dashboard=kwargs.pop("include_dashboard", False),
         dashboard_host=LOOPBACK,
         runtime_env={"env_vars": loopback_env()},
+        _metrics_export_port=metrics_export_port,
         **kwargs,
     )
     return ray

@@ -22,8 +22,8 @@ from deployments.openai_api import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    api_error,
     completion_body,
-    error_response,
     first_chunk,
     new_id,
     parse,
@@ -33,6 +33,9 @@ from specserve.config import SamplingParams
 from specserve.errors import SpecServeError
 
 log = logging.getLogger("specserve.app")
+
+#: Serve application name: the RayService's serveConfigV2 and the dashboards' queries use it too.
+APP_NAME = "specserve"
 
 
 @serve.deployment(name="SpecRouter")
@@ -58,7 +61,6 @@ class SpecRouter:
         except Saturated as e:
             yield {"error": {"status": 503, "message": str(e), "param": None}}
         except TargetFailed as e:
-            self.core.metrics.error(500)
             yield {"error": {"status": 500, "message": f"target worker failed during generation: {e}",
                              "param": None}}
 
@@ -107,6 +109,13 @@ class OpenAIIngress:
             self.max_context = min(self.max_context, self.config.serve.max_model_len)
         self.router = router
         self.model_name = self.config.serve.model_name
+        from actors.metrics import error_counter
+
+        self.errors = error_counter(self.model_name)
+
+    def _error(self, e: APIError) -> JSONResponse:
+        self.errors.inc(1, tags={"status": str(e.status)})
+        return JSONResponse(e.body(), status_code=e.status)
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -148,21 +157,21 @@ class OpenAIIngress:
                 raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                                f"the model's context of {self.max_context} tokens", param)
         except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return self._error(e)
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         stream = self.router.options(stream=True).generate.remote(prompt_ids, params.model_dump(mode="json"), rid)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             first = await first_chunk(stream)
             if "error" in first:
-                return error_response(first["error"])
+                return self._error(api_error(first["error"]))
             return StreamingResponse(self._sse(kind, rid, first, stream, include_usage),
                                      media_type="text/event-stream")
         text, final = "", {}
         try:
             async for chunk in stream:
                 if "error" in chunk:
-                    return error_response(chunk["error"])
+                    return self._error(api_error(chunk["error"]))
                 text += chunk["text"]
                 final = chunk
         except BaseException:
@@ -213,6 +222,8 @@ class OpenAIIngress:
                     body = completion_body(kind, rid, self.model_name, "", None, chunk.get("usage"), None, chunk=True)
                     body["choices"] = []
                     yield sse(body)
+                async for _ in stream:  # let the router's generator finish and free the sequence itself
+                    pass
                 break
             try:
                 chunk = await stream.__anext__()
@@ -230,13 +241,13 @@ def deployment_options(config: AppConfig) -> dict[str, dict]:
                                    "max_replicas": s.autoscaling.max_replicas,
                                    "target_ongoing_requests": s.autoscaling.target_ongoing_requests},
             "max_ongoing_requests": s.max_ongoing_requests,
-            # Beyond this many queued requests Serve answers 503 instead of queueing forever.
-            "max_queued_requests": config.router.max_waiting_requests,
             "ray_actor_options": {"num_cpus": 0.1},
         },
         "SpecRouter": {
             "num_replicas": 1,
-            "max_ongoing_requests": config.router.max_running_requests + config.router.max_waiting_requests,
+            # Admission control lives in the router (a JSON 503 naming the limit), so Serve must hand it
+            # every request instead of queueing or dropping them in front of it: slack above its limits.
+            "max_ongoing_requests": config.router.max_running_requests + config.router.max_waiting_requests + 64,
             "ray_actor_options": {"num_cpus": 0.1},
             "health_check_period_s": 10,
         },
@@ -253,7 +264,7 @@ def build_app(args: dict | None = None) -> Application:
     return OpenAIIngress.options(**opts["OpenAIIngress"]).bind(router, payload)
 
 
-def wait_until_ready(app_name: str = "default", timeout_s: float = 300.0) -> None:
+def wait_until_ready(app_name: str = APP_NAME, timeout_s: float = 300.0) -> None:
     """Block until the Serve application is RUNNING (or raise with its status message)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

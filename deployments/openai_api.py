@@ -187,9 +187,6 @@ async def first_chunk(stream) -> dict:
         return {"error": {"status": 500, "message": "generation ended without output", "param": None}}
 
 
-def error_response(err: dict):
-    """An error chunk from the router as an OpenAI-style JSON response."""
-    from fastapi.responses import JSONResponse
-
-    e = APIError(err["status"], err["message"], err.get("param"))
-    return JSONResponse(e.body(), status_code=e.status)
+def api_error(err: dict) -> APIError:
+    """An error chunk from the router as an APIError."""
+    return APIError(err["status"], err["message"], err.get("param"))

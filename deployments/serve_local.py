@@ -6,11 +6,11 @@ import signal
 import threading
 
 from cluster.local import LOOPBACK, init_local_ray
-from deployments.app import build_app, wait_until_ready
+from deployments.app import APP_NAME, build_app, wait_until_ready
 from deployments.config import AppConfig, load_yaml
 
 
-def start(config: AppConfig, app_name: str = "default") -> None:
+def start(config: AppConfig, app_name: str = APP_NAME) -> None:
     """Start Serve's HTTP proxy on the config's host/port and deploy the app (Ray must be running)."""
     from ray import serve
 

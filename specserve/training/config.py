@@ -77,7 +77,7 @@ class TrainConfig(StrictModel):
     batch_sequences: int = Field(4, ge=1, description="Sequences per step.")
     anchors_per_sequence: int = Field(16, ge=1, description="Blocks drafted per sequence per step, at random "
                                       "response positions (DFlash trains many anchors per sequence).")
-    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")

@@ -77,8 +77,12 @@ def compute_loss(model: BlockDrafterModel, batch: Batch, losses: LossConfig) -> 
     """Total loss and logged terms of one batch."""
     b, length = batch.features.shape[:2]
     positions = torch.arange(length)[None].expand(b, -1)  # [B, L]
-    ctx_kv = model.context_kv(batch.features, positions)
-    hidden = model.block_hidden(ctx_kv, batch.anchor_ids, batch.anchor_pos, batch.ctx_mask)  # [B, M, K, h]
+    c = model.fuse(batch.features)  # [B, L, hidden]
+    ctx_kv = model.context_kv(c, positions)
+    before = (batch.anchor_pos - 1).clamp_min(0)  # [B, M] the newest context position of each block
+    last_c = torch.gather(c, 1, before[..., None].expand(-1, -1, c.shape[-1]))  # [B, M, hidden]
+    last_c = last_c * (batch.anchor_pos > 0)[..., None]  # an anchor at position 0 has no context
+    hidden = model.block_hidden(ctx_kv, last_c, batch.anchor_ids, batch.anchor_pos, batch.ctx_mask)
     k = hidden.shape[2]
     logits = model.logits(hidden).view(-1, k, model.logits_dim)  # [B * M, K, vocab]
     return block_losses(logits, batch.targets.view(-1, k), batch.valid.view(-1, k), losses)

@@ -1,0 +1,204 @@
+"""Actors on a simulated multi-node cluster: placement, tensor parallel verification, pipelining,
+batching, and recovery when a draft worker or a target rank dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from cluster.local import LocalCluster
+from specserve.config import DrafterConfig, ModelConfig, SamplingParams
+from specserve.engine import SpecEngine
+from specserve.models import load_model, make_tiny_model
+
+pytestmark = pytest.mark.ray
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4,",
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):\n",
+    "Hello there, how are you",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node plus a 'draft' node and a 'target' node, all on 127.0.0.1."""
+    c = LocalCluster([
+        {"num_cpus": 1},
+        {"num_cpus": 1, "resources": {"draft_node": 1}},
+        {"num_cpus": 2, "resources": {"target_node": 1}},
+    ])
+    c.connect()
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def even_tiny_dir(tmp_path_factory, tokenizer):
+    """Tiny model with 4 attention / 2 KV heads: splits over 2 ranks."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-tp"), tokenizer, seed=3, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def reference(even_tiny_dir):
+    """Plain greedy outputs of the in-process engine: what every distributed run must reproduce."""
+    target = load_model(ModelConfig(model=str(even_tiny_dir), dtype="fp32"))
+    engine = SpecEngine(target, *_none_drafter(target))
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    return {p: engine.generate(p, params).token_ids for p in PROMPTS}
+
+
+def _none_drafter(target):
+    from specserve.drafters import make_drafter
+
+    cfg = DrafterConfig(kind="none", num_speculative_tokens=0)
+    return make_drafter(cfg, target), cfg
+
+
+def app_config(model_dir, **overrides):
+    from deployments.config import AppConfig
+
+    data = {
+        "model": {"model": str(model_dir), "dtype": "fp32"},
+        "drafter": {"kind": "ngram", "num_speculative_tokens": 4, "adaptive_k": False},
+        "topology": {
+            "tensor_parallel_size": 2,
+            "draft_worker": {"num_cpus": 0.2, "resources": {"draft_node": 0.01}},
+            "target_rank": {"num_cpus": 0.4, "resources": {"target_node": 0.01}},
+        },
+    }
+    for key, value in overrides.items():
+        data.setdefault(key, {}).update(value)
+    return AppConfig.model_validate(data)
+
+
+async def _run(core, prompt_ids, params):
+    tokens = []
+    async for chunk in core.generate(prompt_ids, params):
+        tokens += chunk["token_ids"]
+    return tokens
+
+
+def run_router(cfg, body):
+    """Start a RouterCore in this process's event loop, run ``body(core)``, shut everything down."""
+    from actors.router import RouterCore
+
+    async def main():
+        core = RouterCore(cfg)
+        await core.start()
+        try:
+            return await body(core)
+        finally:
+            core.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_actors_land_on_the_nodes_their_resources_name(cluster, even_tiny_dir):
+    async def body(core):
+        return await core.placement()
+
+    placed = run_router(app_config(even_tiny_dir), body)
+    draft_node, target_node = cluster.node_ids()[1], cluster.node_ids()[2]
+    assert [w["node_id"] for w in placed["draft_workers"]] == [draft_node]
+    ranks = placed["target_groups"][0]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert {r["node_id"] for r in ranks} == {target_node}  # STRICT_PACK keeps the TP group together
+
+
+@pytest.mark.parametrize("pipelining,batching", [(True, True), (False, False), (True, False)],
+                         ids=["pipelined-batched", "sequential", "pipelined-unbatched"])
+def test_tensor_parallel_speculative_greedy_equals_plain_greedy(cluster, even_tiny_dir, reference, tokenizer,
+                                                                pipelining, batching):
+    cfg = app_config(even_tiny_dir, router={"pipelining": pipelining, "batching": batching})
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    async def body(core):
+        # All prompts at once: their blocks share batched verification passes.
+        outs = await asyncio.gather(*[_run(core, tokenizer.encode(p), params) for p in PROMPTS])
+        held = await core.held_sequences()
+        return outs, held
+
+    outs, held = run_router(cfg, body)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out == reference[prompt], prompt
+    assert held == {"router": 0, "draft_workers": [0], "target_groups": [0]}
+
+
+def test_draft_model_worker_on_its_own_node_keeps_greedy_exact(cluster, even_tiny_dir, reference, tokenizer,
+                                                               tiny_draft_dir):
+    cfg = app_config(even_tiny_dir, drafter={"kind": "draft_model", "path": str(tiny_draft_dir)})
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    async def body(core):
+        return await asyncio.gather(*[_run(core, tokenizer.encode(p), params) for p in PROMPTS[:2]])
+
+    outs = run_router(cfg, body)
+    assert outs == [reference[p] for p in PROMPTS[:2]]
+
+
+def test_a_dead_draft_worker_falls_back_to_plain_decoding_and_drafting_resumes(cluster, even_tiny_dir, reference,
+                                                                               tokenizer):
+    import ray
+
+    cfg = app_config(even_tiny_dir)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    async def body(core):
+        worker = core.workers[0]
+        pid = (await worker.info.remote())["pid"]
+        killed = False
+        tokens = []
+        async for chunk in core.generate(tokenizer.encode(PROMPTS[1]), params):
+            tokens += chunk["token_ids"]
+            if not killed:
+                # SIGKILL the worker process mid-request: Ray restarts it (max_restarts=-1).
+                os.kill(pid, 9)
+                killed = True
+        for _ in range(100):
+            try:
+                new_pid = (await worker.info.remote())["pid"]
+                break
+            except ray.exceptions.RayError:
+                await asyncio.sleep(0.2)
+        later = await _run(core, tokenizer.encode(PROMPTS[0]), params)
+        return tokens, later, new_pid, pid
+
+    tokens, later, new_pid, old_pid = run_router(cfg, body)
+    assert tokens == reference[PROMPTS[1]]
+    assert later == reference[PROMPTS[0]]
+    assert new_pid != old_pid
+
+
+def test_a_dead_target_rank_fails_its_requests_clearly_and_the_group_is_rebuilt(cluster, even_tiny_dir, reference,
+                                                                                tokenizer):
+    from actors.router import TargetFailed
+
+    cfg = app_config(even_tiny_dir)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    async def body(core):
+        group = core.groups[0]
+        rank1_pid = group.infos[1]["pid"]
+        error = None
+        try:
+            async for _ in core.generate(tokenizer.encode(PROMPTS[0]), params):
+                os.kill(rank1_pid, 9)
+        except TargetFailed as e:
+            error = e
+        for _ in range(300):
+            if group.index not in core.rebuilding and group.generation == 2:
+                break
+            await asyncio.sleep(0.1)
+        later = await _run(core, tokenizer.encode(PROMPTS[2]), params)
+        held = await core.held_sequences()
+        return error, later, group.generation, held
+
+    error, later, generation, held = run_router(cfg, body)
+    assert error is not None and "target" in str(error).lower()
+    assert generation == 2
+    assert later == reference[PROMPTS[2]]
+    assert held["router"] == 0 and held["target_groups"] == [0]
