@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--host", default=None)
 
-    for module in ("specserve.training.cli", "specserve.dashboards"):
+    for module in ("specserve.training.cli", "specserve.dashboards", "deployments.bench"):
         _add_module_commands(sub, module)
     return parser
 
