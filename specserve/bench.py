@@ -168,3 +168,15 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_table(results: dict) -> str:
+    """The overall and per-set summary as a markdown table (for docs/benchmarks.md)."""
+    lines = ["| prompts | method | tokens/s | speedup vs plain | median per-prompt speedup | min | mean accepted length "
+             "| output = plain |", "|---|---|---|---|---|---|---|---|"]
+    for set_name, summary in {**results["by_set"], "all": results["overall"]}.items():
+        for method, m in summary.items():
+            lines.append(f"| {set_name} ({m['prompts']}) | {method} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x "
+                         f"| {m['median_speedup']:.2f}x | {m['min_speedup']:.2f}x | {m['mean_accepted_length']:.2f} "
+                         f"| {m['matches_baseline']:.0%} |")
+    return "\n".join(lines)

@@ -151,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and print the overall table."""
-    from specserve.bench import BenchSpec, run_bench
+    from specserve.bench import BenchSpec, markdown_table, run_bench
     from specserve.config import parse_drafter
     from specserve.data import load_prompts
     from specserve.engine import SpecEngine
@@ -166,11 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine = SpecEngine.from_config(_engine_config(args, "none"))
     results = run_bench(engine, prompts, BenchSpec(drafters, params, args.chat, peers=not args.no_peers),
                         Path(args.out))
-    print(f"{'set':<14}{'method':<28}{'tok/s':>8}{'speedup':>9}{'MAL':>6}{'exact':>7}")
-    for set_name, summary in {"overall": results["overall"], **results["by_set"]}.items():
-        for method, m in summary.items():
-            print(f"{set_name:<14}{method:<28}{m['tokens_per_s']:>8.1f}{m['speedup']:>8.2f}x"
-                  f"{m['mean_accepted_length']:>6.2f}{m['matches_baseline']:>7.0%}")
+    print(markdown_table(results))
     print(f"wrote {Path(args.out) / 'results.json'} and speedup.png")
     return 0
 
