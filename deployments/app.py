@@ -244,7 +244,9 @@ def deployment_options(config: AppConfig) -> dict[str, dict]:
             "ray_actor_options": {"num_cpus": 0.1},
         },
         "SpecRouter": {
-            "num_replicas": 1,
+            "autoscaling_config": {"min_replicas": s.replica_autoscaling.min_replicas,
+                                   "max_replicas": s.replica_autoscaling.max_replicas,
+                                   "target_ongoing_requests": s.replica_autoscaling.target_ongoing_requests},
             # Admission control lives in the router (a JSON 503 naming the limit), so Serve must hand it
             # every request instead of queueing or dropping them in front of it: slack above its limits.
             "max_ongoing_requests": config.router.max_running_requests + config.router.max_waiting_requests + 64,

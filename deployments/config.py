@@ -65,6 +65,11 @@ class ServeConfig(StrictModel):
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Ingress autoscaling."
     )
+    replica_autoscaling: AutoscalingConfig = Field(
+        default_factory=lambda: AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=32),
+        description="Autoscaling of model replicas: each SpecRouter replica owns its own draft workers and "
+        "target groups (the topology), so scaling it adds whole copies of the topology.",
+    )
     max_model_len: int | None = Field(
         None, ge=16, description="Context limit (prompt + max_tokens); None: the model's own."
     )
