@@ -239,7 +239,10 @@ class RouterCore:
             raise TargetFailed(str(e)) from None
         worker = await self._attach(req, hidden)
         needs_features = bool(self.worker_info.get("target_layers"))
-        pipelining = cfg.router.pipelining and not needs_features
+        # Overlap pays only when drafting costs something: an n-gram lookup is free, and the extra
+        # speculative draft call would only add actor traffic (measured in docs/benchmarks.md).
+        pipelining = (cfg.router.pipelining and not needs_features
+                      and self.worker_info.get("draft_cost_per_token", 0.0) > 0.0)
         ready = None  # a pipelined block already drafted for the next step: (tokens, probs)
         plain_steps = 0
         while not seq.finished:

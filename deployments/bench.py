@@ -64,6 +64,9 @@ def run(args) -> int:
     from specserve.data import load_prompts
     from specserve.engine import SpecEngine, encode_prompt
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = []
@@ -88,7 +91,9 @@ def run(args) -> int:
     for name, (drafter, _) in configs.items():
         eng = engine.with_drafter(DrafterConfig.model_validate(drafter))
         t0, tokens = time.perf_counter(), 0
-        for ids in tqdm(encoded[: args.concurrency[0] * 4], desc=f"in-process {name}"):
+        # The same prompts, in the same order, as the served run at the lowest concurrency.
+        n_first = max(args.concurrency[0] * 2, args.requests)
+        for ids in tqdm([encoded[i % len(encoded)] for i in range(n_first)], desc=f"in-process {name}"):
             tokens += len(eng.generate(ids, params).token_ids)
         in_process[name] = {"tokens": tokens, "seconds": time.perf_counter() - t0}
         in_process[name]["tokens_per_s"] = tokens / in_process[name]["seconds"]
@@ -100,7 +105,9 @@ def run(args) -> int:
                                 "k": args.k}, "in_process": in_process, "served": {}}
     url = f"http://{LOOPBACK}:{args.port}/v1/chat/completions"
     for name, (drafter, router) in configs.items():
+        threads = {"num_threads": args.threads}
         app = build_app({"model": model, "drafter": drafter, "router": router,
+                         "topology": {"draft_worker": threads, "target_rank": threads},
                          "serve": {"model_name": "bench"}})
         serve.run(app, name="bench", route_prefix="/", blocking=False)
         wait_until_ready("bench")
@@ -159,6 +166,7 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least 2x it)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine and each actor")
     p.add_argument("--out", required=True)
 
     def handler(args):

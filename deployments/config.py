@@ -39,7 +39,8 @@ class RouterConfig(StrictModel):
     pipelining: bool = Field(
         True,
         description="Draft the next block while the current one is verified, assuming full acceptance "
-        "(discarded on a rejection).",
+        "(discarded on a rejection). Applies to drafters with a cost (draft models); free n-gram lookup "
+        "and drafters that need the target's hidden states are never pipelined.",
     )
     batching: bool = Field(True, description="Verify blocks of several sequences in one target pass.")
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences in one verification pass.")
