@@ -131,6 +131,7 @@ class RouterCore:
         self.eos_ids: set[int] = set()
         self.max_context = 0
         self._cleanups: set[asyncio.Task] = set()
+        self.pipelined_blocks = 0  # drafts that were ready when verification ended (the overlap paid)
 
     async def start(self) -> None:
         """Start draft workers and target groups (where the topology says) and wait until they are ready."""
@@ -255,6 +256,7 @@ class RouterCore:
             t0 = time.perf_counter()
             if k > 0 and ready is not None:
                 tokens, probs = ready[0][:k], (ready[1][:k] if ready[1] is not None else None)
+                self.pipelined_blocks += 1
             elif k > 0 and worker is not None:
                 block = await self._draft(req, worker, seq.all_ids, k)
                 if block is None:

@@ -56,6 +56,7 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:
 
 def run(args) -> int:
     """Entry point of ``specserve bench-serve``."""
+    import torch
     from ray import serve
 
     from cluster.local import init_local_ray
@@ -63,8 +64,6 @@ def run(args) -> int:
     from specserve.config import DrafterConfig, EngineConfig, ModelConfig, SamplingParams
     from specserve.data import load_prompts
     from specserve.engine import SpecEngine, encode_prompt
-
-    import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -66,7 +66,7 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
             bar.set_postfix_str(f"{name} {run['tokens_per_s']:.1f} tok/s")
             bar.update()
         base = row["runs"][BASELINE]
-        for name, run in row["runs"].items():
+        for run in row["runs"].values():
             run["speedup"] = run["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
             run["matches_baseline"] = run["token_ids"] == base["token_ids"]
         rows.append(row)
@@ -152,8 +152,8 @@ def plot(results: dict, path: Path) -> None:
     for j, m in enumerate(methods):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(sets))]
         ys = [results["by_set"][s][m]["speedup"] for s in sets]
-        bars = ax.bar(xs, ys, width, label=m)
-        for x, y, b in zip(xs, ys, bars):
+        ax.bar(xs, ys, width, label=m)
+        for x, y in zip(xs, ys):
             ax.annotate(f"{y:.2f}x", (x, y), ha="center", va="bottom", fontsize=8)
         for i, s in enumerate(sets):
             pts = [r["runs"][m]["speedup"] for r in results["prompts"] if r["set"] == s]

@@ -109,23 +109,27 @@ def test_actors_land_on_the_nodes_their_resources_name(cluster, even_tiny_dir):
     assert {r["node_id"] for r in ranks} == {target_node}  # STRICT_PACK keeps the TP group together
 
 
-@pytest.mark.parametrize("pipelining,batching", [(True, True), (False, False), (True, False)],
-                         ids=["pipelined-batched", "sequential", "pipelined-unbatched"])
+@pytest.mark.parametrize("drafter,pipelining,batching", [
+    ("ngram", False, True), ("self", True, True), ("self", False, False)],
+    ids=["ngram-batched", "self-draft-pipelined-batched", "self-draft-sequential-unbatched"])
 def test_tensor_parallel_speculative_greedy_equals_plain_greedy(cluster, even_tiny_dir, reference, tokenizer,
-                                                                pipelining, batching):
-    cfg = app_config(even_tiny_dir, router={"pipelining": pipelining, "batching": batching})
+                                                                drafter, pipelining, batching):
+    # Self-drafting accepts every token in fp32, so pipelined blocks are used on almost every step.
+    drafter_cfg = {"kind": "draft_model", "path": str(even_tiny_dir)} if drafter == "self" else {"kind": "ngram"}
+    cfg = app_config(even_tiny_dir, drafter=drafter_cfg, router={"pipelining": pipelining, "batching": batching})
     params = SamplingParams(max_tokens=24, ignore_eos=True)
 
     async def body(core):
         # All prompts at once: their blocks share batched verification passes.
         outs = await asyncio.gather(*[_run(core, tokenizer.encode(p), params) for p in PROMPTS])
         held = await core.held_sequences()
-        return outs, held
+        return outs, held, core.pipelined_blocks
 
-    outs, held = run_router(cfg, body)
+    outs, held, pipelined = run_router(cfg, body)
     for prompt, out in zip(PROMPTS, outs):
         assert out == reference[prompt], prompt
     assert held == {"router": 0, "draft_workers": [0], "target_groups": [0]}
+    assert (pipelined > 0) == pipelining
 
 
 def test_draft_model_worker_on_its_own_node_keeps_greedy_exact(cluster, even_tiny_dir, reference, tokenizer,
