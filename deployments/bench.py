@@ -75,9 +75,14 @@ def run(args) -> int:
     configs = {"plain": ({"kind": "none", "num_speculative_tokens": 0}, {"pipelining": False})}
     for spec in args.drafter:
         kind, _, path = spec.partition(":")
-        drafter = {"kind": kind, "path": path or None, "num_speculative_tokens": args.k}
-        configs[f"{spec} pipelined"] = (drafter, {"pipelining": True})
-        configs[f"{spec} sequential"] = (drafter, {"pipelining": False})
+        drafter = {"kind": kind, "path": path or None, "num_speculative_tokens": args.k,
+                   "adaptive_k": not args.no_adaptive}
+        label = kind if kind != "draft_model" else f"draft_model:{Path(path).name}"
+        if kind == "ngram":  # free drafting is never pipelined (see RouterConfig.pipelining)
+            configs[label] = (drafter, {"pipelining": False})
+        else:
+            configs[f"{label} pipelined"] = (drafter, {"pipelining": True})
+            configs[f"{label} sequential"] = (drafter, {"pipelining": False})
 
     # In-process engine on the same prompts, one at a time: the baseline for actor-hop overhead.
     engine_cfg = EngineConfig(model=ModelConfig(**model), drafter=DrafterConfig(kind="none",
@@ -159,6 +164,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--drafter", action="append", default=None, help="drafter spec (repeatable); default ngram")
     p.add_argument("--k", type=int, default=6)
+    p.add_argument("--no-adaptive", action="store_true", help="fixed k instead of adaptive k")
     p.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=64)
