@@ -26,6 +26,10 @@ def serve_forever(config_path: str | None, host: str | None = None, port: int | 
         data.setdefault("serve", {})
         data["serve"].update({k: v for k, v in (("host", host), ("port", port)) if v})
     config = AppConfig.from_args(data)
+    # Convert the embedded model (first run only) here, once, rather than in every actor at once.
+    from specserve.models import resolve_model_path
+
+    resolve_model_path(config.model.model, config.model.cache_dir)
     init_local_ray(include_dashboard=True)
     start(config)
     print(f"specserve: OpenAI API on http://{config.serve.host}:{config.serve.port}/v1 "
