@@ -115,8 +115,7 @@ class ChatCompletionRequest(_Common):
 def from_validation(e: ValidationError) -> APIError:
     """One 400 naming the first offending field."""
     err = e.errors()[0]
-    loc = [str(p) for p in err["loc"] if not isinstance(p, int) or True]
-    param = ".".join(loc) or None
+    param = ".".join(str(p) for p in err["loc"]) or None
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         msg = "field required"

@@ -74,7 +74,7 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
 
     results = {
         "config": {
-            "model": engine.target.path,
+            "model": Path(engine.target.path).name,  # the name, not this machine's cache path
             "dtype": str(engine.target.dtype).removeprefix("torch."),
             "params": spec.params.model_dump(),
             "chat": spec.chat,

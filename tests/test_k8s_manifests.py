@@ -56,5 +56,8 @@ def test_check_mode_notices_a_hand_edit(tmp_path, monkeypatch):
 
 
 def test_overlay_objects_validate():
-    for obj in _kustomize("k8s/overlays/openshift"):
+    objs = list(_kustomize("k8s/overlays/openshift"))
+    # The overlay must render the whole deployment plus the Route; validate() raises on a schema error.
+    assert {"RayService", "Route"} <= {o["kind"] for o in objs}
+    for obj in objs:
         validate(obj)

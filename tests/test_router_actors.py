@@ -15,6 +15,9 @@ from specserve.models import load_model, make_tiny_model
 
 pytestmark = pytest.mark.ray
 
+#: Every run here decodes 24 tokens past EOS: long enough for several blocks, short enough for CI.
+PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
+
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
     "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4,",
@@ -47,8 +50,7 @@ def reference(even_tiny_dir):
     """Plain greedy outputs of the in-process engine: what every distributed run must reproduce."""
     target = load_model(ModelConfig(model=str(even_tiny_dir), dtype="fp32"))
     engine = SpecEngine(target, *_none_drafter(target))
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    return {p: engine.generate(p, params).token_ids for p in PROMPTS}
+    return {p: engine.generate(p, PARAMS).token_ids for p in PROMPTS}
 
 
 def _none_drafter(target):
@@ -117,11 +119,10 @@ def test_tensor_parallel_speculative_greedy_equals_plain_greedy(cluster, even_ti
     # Self-drafting accepts every token in fp32, so pipelined blocks are used on almost every step.
     drafter_cfg = {"kind": "draft_model", "path": str(even_tiny_dir)} if drafter == "self" else {"kind": "ngram"}
     cfg = app_config(even_tiny_dir, drafter=drafter_cfg, router={"pipelining": pipelining, "batching": batching})
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
 
     async def body(core):
         # All prompts at once: their blocks share batched verification passes.
-        outs = await asyncio.gather(*[_run(core, tokenizer.encode(p), params) for p in PROMPTS])
+        outs = await asyncio.gather(*[_run(core, tokenizer.encode(p), PARAMS) for p in PROMPTS])
         held = await core.held_sequences()
         return outs, held, core.pipelined_blocks
 
@@ -135,10 +136,9 @@ def test_tensor_parallel_speculative_greedy_equals_plain_greedy(cluster, even_ti
 def test_draft_model_worker_on_its_own_node_keeps_greedy_exact(cluster, even_tiny_dir, reference, tokenizer,
                                                                tiny_draft_dir):
     cfg = app_config(even_tiny_dir, drafter={"kind": "draft_model", "path": str(tiny_draft_dir)})
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
 
     async def body(core):
-        return await asyncio.gather(*[_run(core, tokenizer.encode(p), params) for p in PROMPTS[:2]])
+        return await asyncio.gather(*[_run(core, tokenizer.encode(p), PARAMS) for p in PROMPTS[:2]])
 
     outs = run_router(cfg, body)
     assert outs == [reference[p] for p in PROMPTS[:2]]
@@ -149,14 +149,13 @@ def test_a_dead_draft_worker_falls_back_to_plain_decoding_and_drafting_resumes(c
     import ray
 
     cfg = app_config(even_tiny_dir)
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
 
     async def body(core):
         worker = core.workers[0]
         pid = (await worker.info.remote())["pid"]
         killed = False
         tokens = []
-        async for chunk in core.generate(tokenizer.encode(PROMPTS[1]), params):
+        async for chunk in core.generate(tokenizer.encode(PROMPTS[1]), PARAMS):
             tokens += chunk["token_ids"]
             if not killed:
                 # SIGKILL the worker process mid-request: Ray restarts it (max_restarts=-1).
@@ -168,7 +167,7 @@ def test_a_dead_draft_worker_falls_back_to_plain_decoding_and_drafting_resumes(c
                 break
             except ray.exceptions.RayError:
                 await asyncio.sleep(0.2)
-        later = await _run(core, tokenizer.encode(PROMPTS[0]), params)
+        later = await _run(core, tokenizer.encode(PROMPTS[0]), PARAMS)
         return tokens, later, new_pid, pid
 
     tokens, later, new_pid, old_pid = run_router(cfg, body)
@@ -182,14 +181,13 @@ def test_a_dead_target_rank_fails_its_requests_clearly_and_the_group_is_rebuilt(
     from actors.router import TargetFailed
 
     cfg = app_config(even_tiny_dir)
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
 
     async def body(core):
         group = core.groups[0]
         rank1_pid = group.infos[1]["pid"]
         error = None
         try:
-            async for _ in core.generate(tokenizer.encode(PROMPTS[0]), params):
+            async for _ in core.generate(tokenizer.encode(PROMPTS[0]), PARAMS):
                 os.kill(rank1_pid, 9)
         except TargetFailed as e:
             error = e
@@ -197,7 +195,7 @@ def test_a_dead_target_rank_fails_its_requests_clearly_and_the_group_is_rebuilt(
             if group.index not in core.rebuilding and group.generation == 2:
                 break
             await asyncio.sleep(0.1)
-        later = await _run(core, tokenizer.encode(PROMPTS[2]), params)
+        later = await _run(core, tokenizer.encode(PROMPTS[2]), PARAMS)
         held = await core.held_sequences()
         return error, later, group.generation, held
 
