@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.local import pin_serve_grpc_to_loopback
+from deployments.auth import APIKeyAuth, protect
 from deployments.config import AppConfig
 from deployments.openai_api import (
     APIError,
@@ -87,6 +88,8 @@ class SpecRouter:
 
 
 api = FastAPI(title="specserve", description="OpenAI-compatible speculative decoding server")
+# Every route below needs an API key when keys are configured (except /health); see deployments/auth.py.
+protect(api, lambda: serve.get_replica_context().servable_object.auth)
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -112,6 +115,8 @@ class OpenAIIngress:
         from actors.metrics import error_counter
 
         self.errors = error_counter(self.model_name)
+        self.auth = APIKeyAuth.load(self.config.serve.api_keys_file,
+                                    on_reject=lambda: self.errors.inc(1, tags={"status": "401"}))
 
     def _error(self, e: APIError) -> JSONResponse:
         self.errors.inc(1, tags={"status": str(e.status)})
