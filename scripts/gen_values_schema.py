@@ -87,6 +87,7 @@ def chart_schema() -> dict[str, Any]:
             "shmSize": QUANTITY,
             "extraEnv": {"type": "array", "items": {"type": "object", "required": ["name"]}},
             "hfToken": _obj({"secretName": STR, "secretKey": {"type": "string", "minLength": 1}}),
+            "auth": _obj({"existingSecret": STR, "secretKey": {"type": "string", "minLength": 1}}),
             "modelCache": _obj({"mountPath": {"type": "string", "pattern": "^/"}, "existingClaim": STR,
                                 "emptyDirSizeLimit": QUANTITY}),
             "securityContext": _obj({"seccompProfile": _obj(

@@ -86,6 +86,11 @@ spec:
               key: {{ $v.hfToken.secretKey }}
               optional: true
         {{- end }}
+        {{- if $v.auth.existingSecret }}
+        # The OpenAI ingress may run in any pod: every pod gets the key file (see auth.existingSecret).
+        - name: SPECSERVE_API_KEYS_FILE
+          value: {{ include "specserve.apiKeysFile" $root | quote }}
+        {{- end }}
         {{- if eq .component "head" }}
         - name: RAY_GRAFANA_HOST
           value: {{ $v.monitoring.grafanaHost | quote }}
@@ -118,6 +123,11 @@ spec:
           mountPath: {{ $v.modelCache.mountPath }}
         - name: tmp
           mountPath: /tmp
+        {{- if $v.auth.existingSecret }}
+        - name: api-keys
+          mountPath: {{ include "specserve.apiKeysDir" $root }}
+          readOnly: true
+        {{- end }}
   volumes:
     # Ray's object store lives in /dev/shm; the container default (64 MiB) is far too small.
     - name: dshm
@@ -135,6 +145,24 @@ spec:
     # Ray writes its session dir and logs under /tmp; an emptyDir is writable by any UID.
     - name: tmp
       emptyDir: {}
+    {{- if $v.auth.existingSecret }}
+    # Not optional: a missing Secret keeps the pod from starting rather than serving without keys.
+    - name: api-keys
+      secret:
+        secretName: {{ $v.auth.existingSecret }}
+        items:
+          - key: {{ $v.auth.secretKey }}
+            path: api-keys
+    {{- end }}
+{{- end -}}
+
+{{/* Where the API key Secret is mounted, and the key file the server reads (SPECSERVE_API_KEYS_FILE). */}}
+{{- define "specserve.apiKeysDir" -}}
+/etc/specserve/auth
+{{- end -}}
+
+{{- define "specserve.apiKeysFile" -}}
+{{- printf "%s/api-keys" (include "specserve.apiKeysDir" .) -}}
 {{- end -}}
 
 {{/*
