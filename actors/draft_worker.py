@@ -30,16 +30,19 @@ class DraftWorker:
 
             target = load_model(ModelConfig.model_validate(model_cfg))
         self.drafter = make_drafter(self.drafter_cfg, target)  # type: ignore[arg-type]
+        self.sequences_started = 0
 
     def info(self) -> dict:
         """Where this worker runs and what it hosts (used by placement tests and the router)."""
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "drafter": self.drafter.name,
                 "target_layers": list(self.drafter.target_layers),
-                "draft_cost_per_token": self.drafter.draft_cost_per_token}
+                "draft_cost_per_token": self.drafter.draft_cost_per_token,
+                "sequences_started": self.sequences_started}
 
     def start(self, seq_id: str, prompt_ids: list[int], params: dict, hidden: torch.Tensor | None = None) -> None:
         """Begin drafting for a sequence."""
+        self.sequences_started += 1
         self.drafter.start(seq_id, prompt_ids, SamplingParams.model_validate(params), hidden)
 
     def step(self, seq_id: str, token_ids: list[int], k: int, hidden: torch.Tensor | None = None) -> DraftBlock:

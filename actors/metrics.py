@@ -49,6 +49,10 @@ class RouterMetrics:
         self._inc(m.GENERATION_TOKENS, num_tokens)
         self.m[m.E2E_LATENCY.name].observe(e2e_s, tags=self.tags)
 
+    def pipelined_draft(self) -> None:
+        """A block drafted during the previous verification was used."""
+        self._inc(m.NUM_PIPELINED_DRAFTS)
+
     def draft_failure(self) -> None:
         self._inc(m.DRAFT_WORKER_RESTARTS)
 

@@ -1,12 +1,12 @@
-"""The router: owns request state, moves blocks between draft workers and verifier groups.
+"""The router: owns request state and runs the core's decode loop with each piece on its actor.
 
-Per request it runs the core's step (strategy -> draft -> verify -> commit) with each piece
-on its actor. Verification requests of many sequences on one target group are batched
-into one forward pass. With pipelining, while block B is being verified the draft worker
-already drafts the block after B assuming B is fully accepted; if verification accepts
-all of B and the target's bonus token equals that block's first token, the rest of it is
-the next draft, ready without waiting (AMUSD / PEARL style overlap). Otherwise it is
-discarded.
+Per request it runs :func:`specserve.step.decode` with a :class:`RemoteProposer` (a draft
+worker) and a :class:`GroupVerifier` (a target group). Verification requests of many
+sequences on one target group are batched into one forward pass by :class:`_Batcher`.
+With pipelining, while block B is being verified the draft worker already drafts the block
+after B assuming B is fully accepted; if verification accepts all of B and the target's
+bonus token equals that block's first token, the rest of it is the next draft, ready
+without waiting (AMUSD / PEARL style overlap). Otherwise it is discarded.
 
 Faults: a draft worker that dies is restarted by Ray; its sequences continue with plain
 target decoding and re-attach to the restarted worker later. A target rank that dies
@@ -26,17 +26,19 @@ from dataclasses import dataclass, field
 import ray
 import torch
 from ray.exceptions import RayActorError, RayError
-from transformers import AutoTokenizer
 
+from actors.config import ReplicaConfig
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.target_worker import TargetGroup
 from cluster.placement import actor_options
-from deployments.config import AppConfig
 from specserve.config import SamplingParams
-from specserve.errors import SpecServeError
-from specserve.models import resolve_model_path
-from specserve.sequence import Sequence
+from specserve.drafters.base import DraftBlock
+from specserve.errors import Saturated, TargetFailed
+from specserve.models import ModelInfo
+from specserve.outputs import StreamChunk, Usage
+from specserve.sequence import Sequence, stream_holdback
+from specserve.step import decode
 from specserve.strategy import KStrategy, make_strategy
 from specserve.target import StepRequest, StepResult
 
@@ -44,14 +46,6 @@ log = logging.getLogger("specserve.router")
 
 #: After a draft worker failure, a sequence retries drafting every this many plain steps.
 REATTACH_EVERY = 8
-
-
-class Saturated(Exception):
-    """The router's queue is full: the caller should answer HTTP 503."""
-
-
-class TargetFailed(Exception):
-    """A target rank died while verifying this request's block."""
 
 
 @dataclass
@@ -90,7 +84,7 @@ class _Batcher:
                 except RayError as e:
                     for p in batch:
                         if not p.future.done():
-                            p.future.set_exception(TargetFailed(str(e)))
+                            p.future.set_exception(TargetFailed(f"target worker failed during generation: {e}"))
                     if isinstance(e, RayActorError):  # a rank died: the process group is broken
                         await self.on_failure(self.group)
                     continue
@@ -99,26 +93,146 @@ class _Batcher:
                         p.future.set_result(r)
 
 
+class RemoteProposer:
+    """A draft worker as a :class:`specserve.step.Proposer` for one request.
+
+    One actor hop per block: the worker learns what was committed and proposes in the same
+    call. A failed call turns the request to plain decoding; it re-attaches every
+    ``REATTACH_EVERY`` steps (not for drafters that need target features it has lost).
+    With ``pipelining``, ``speculate`` drafts the next block during verification.
+    """
+
+    def __init__(self, worker, params: dict, metrics: RouterMetrics, *, pipelining: bool, needs_features: bool):
+        self.worker = worker
+        self.params = params
+        self.metrics = metrics
+        self.pipelining = pipelining
+        self.needs_features = needs_features
+        self.attached = False
+        self.plain_steps = 0
+        self.pending_hidden: list[torch.Tensor] = []
+        self.last_k = 0
+        self.speculative = None  # ObjectRef of a block drafted assuming the one in verification is all accepted
+        self.ready: tuple[object, int] | None = None  # (that ref, the bonus token it must start with)
+
+    async def start(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
+        await self._attach(seq, target_hidden)
+
+    async def _attach(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
+        try:
+            await self.worker.start.remote(seq.seq_id, seq.all_ids, self.params, target_hidden)
+            self.attached = True
+        except RayError:
+            self.metrics.draft_failure()
+            self.attached = False
+
+    async def propose(self, seq: Sequence, k: int) -> DraftBlock:
+        self.last_k = k
+        if self.ready is not None:
+            block = await self._take_pipelined(seq)
+            if block is not None:
+                return block
+        if not self.attached:
+            self.plain_steps += 1
+            if self.needs_features or self.plain_steps % REATTACH_EVERY:
+                return DraftBlock([])
+            await self._attach(seq, None)
+            if not self.attached:
+                return DraftBlock([])
+        hidden = torch.cat(self.pending_hidden) if self.pending_hidden else None
+        try:
+            block = await self.worker.step.remote(seq.seq_id, seq.all_ids, k, hidden)
+        except RayError:
+            log.warning("draft worker failed; %s continues with plain decoding", seq.seq_id)
+            self.metrics.draft_failure()
+            self.attached = False
+            return DraftBlock([])
+        self.pending_hidden.clear()
+        return block
+
+    async def _take_pipelined(self, seq: Sequence) -> DraftBlock | None:
+        ref, bonus = self.ready
+        self.ready = None
+        try:
+            block = await ref
+        except RayError:
+            return None
+        if len(block.token_ids) < 2 or block.token_ids[0] != bonus:
+            return None
+        seq.stats.num_pipelined_drafts += 1
+        self.metrics.pipelined_draft()
+        return DraftBlock(block.token_ids[1:], block.probs[1:] if block.probs is not None else None)
+
+    def speculate(self, seq: Sequence, block: DraftBlock) -> None:
+        if self.pipelining and self.attached and block.token_ids:
+            self.speculative = self.worker.step.remote(seq.seq_id, seq.all_ids + block.token_ids,
+                                                       self.last_k + 1, None)
+
+    def observe(self, seq: Sequence, block: DraftBlock, result: StepResult) -> None:
+        if result.hidden is not None:
+            self.pending_hidden.append(result.hidden)
+        ref, self.speculative = self.speculative, None
+        if ref is not None and result.verdict.num_accepted == len(block.token_ids):
+            self.ready = (ref, result.verdict.tokens[-1])
+
+
+class GroupVerifier:
+    """A target group, through its batcher, as a :class:`specserve.step.BlockVerifier` for one request.
+
+    A group rebuilt while the request runs (a rank died) ends the request with ``TargetFailed``:
+    its KV cache went with the old ranks.
+    """
+
+    def __init__(self, router: RouterCore, group: TargetGroup, params: dict):
+        self.router = router
+        self.group = group
+        self.params = params
+        self.generation = 0
+
+    async def prefill(self, seq: Sequence) -> torch.Tensor | None:
+        group = self.group
+        if group.index in self.router.rebuilding:
+            await self.router.rebuilding[group.index]
+        self.generation = group.generation
+        try:
+            return await group.add(seq.seq_id, seq.prompt_ids, self.params)
+        except RayError as e:
+            await self.router.group_failed(group)
+            raise TargetFailed(f"target worker failed during prefill: {e}") from None
+
+    async def verify(self, seq: Sequence, block: DraftBlock) -> StepResult:
+        if self.group.generation != self.generation or self.group.index in self.router.rebuilding:
+            raise TargetFailed("target group failed during this request")
+        fut = self.router.batchers[self.group.index].submit(
+            StepRequest(seq.seq_id, seq.last_id, block.token_ids, block.probs))
+        result: StepResult = await fut
+        if self.group.generation != self.generation:
+            raise TargetFailed("target group was rebuilt during this request")
+        return result
+
+
 @dataclass
 class _Request:
+    """What the router holds for one running request."""
+
     seq: Sequence
-    params_dict: dict
     group: TargetGroup
-    worker_index: int | None
+    worker_index: int | None  # draft worker serving it (None: plain decoding)
     t_arrival: float
     strategy: KStrategy
-    pending_hidden: list[torch.Tensor] = field(default_factory=list)
-    emitted_chars: int = 0
+    emitted_chars: int = 0  # text already streamed to the client
     t_last_token: float = 0.0
+    last_chunk_finished: bool = field(default=False)
 
 
 class RouterCore:
     """Request state and the distributed decode loop. Hosted by the Serve router deployment."""
 
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: ReplicaConfig):
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model.model, config.model.cache_dir))
-        self.metrics = RouterMetrics(config.serve.model_name)
+        self.info = ModelInfo.load(config.model, config.max_model_len)
+        self.tokenizer = self.info.tokenizer
+        self.metrics = RouterMetrics(config.model_name)
         self.requests: dict[str, _Request] = {}
         self.running = asyncio.Semaphore(config.router.max_running_requests)
         self.num_waiting = 0
@@ -127,11 +241,9 @@ class RouterCore:
         self.workers: list = []
         self.worker_info: dict = {}
         self.rebuilding: dict[int, asyncio.Task] = {}
-        self._ids = itertools.count()
-        self.eos_ids: set[int] = set()
-        self.max_context = 0
+        self._request_numbers = itertools.count()  # names requests that come without an id
+        self._worker_turns = itertools.count()  # round robin over draft workers
         self._cleanups: set[asyncio.Task] = set()
-        self.pipelined_blocks = 0  # drafts that were ready when verification ended (the overlap paid)
 
     async def start(self) -> None:
         """Start draft workers and target groups (where the topology says) and wait until they are ready."""
@@ -150,33 +262,19 @@ class RouterCore:
         hidden_layers = tuple(self.worker_info.get("target_layers", ()))
         self.groups = [TargetGroup(i, cfg.model, topo, hidden_layers) for i in range(topo.num_target_groups)]
         await asyncio.gather(*[g.build() for g in self.groups])
-        self.max_context = self.groups[0].infos[0]["max_context"]
-        if cfg.serve.max_model_len:
-            self.max_context = min(self.max_context, cfg.serve.max_model_len)
         for g in self.groups:
             self.batchers[g.index] = _Batcher(g, cfg.router.max_batch_size if cfg.router.batching else 1,
-                                              self._group_failed)
-        self.eos_ids = self._eos_from_config() or ({self.tokenizer.eos_token_id} - {None})
-
-    def _eos_from_config(self) -> set[int]:
-        from transformers import GenerationConfig
-
-        try:
-            gc = GenerationConfig.from_pretrained(resolve_model_path(self.config.model.model,
-                                                                     self.config.model.cache_dir))
-        except OSError:
-            return set()
-        eos = gc.eos_token_id
-        return set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
+                                              self.group_failed)
 
     # ----------------------------------------------------------------------------------------- API
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[dict]:
-        """Decode one request, yielding chunks ``{token_ids, text, finish_reason?, stats?, usage?}``."""
-        if len(prompt_ids) >= self.max_context:
-            raise SpecServeError(f"prompt has {len(prompt_ids)} tokens; the context is {self.max_context}",
-                                 param="messages")
+                       request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+        """Decode one request, yielding a :class:`StreamChunk` per step; the last one has finish_reason.
+
+        Raises ``SpecServeError`` (bad input), ``Saturated`` (queue full) or ``TargetFailed``.
+        """
+        self.info.check_fits(len(prompt_ids))
         limit = self.config.router.max_running_requests + self.config.router.max_waiting_requests
         if len(self.requests) + self.num_waiting >= limit:
             raise Saturated(f"server is saturated ({limit} requests in flight); retry later")
@@ -190,11 +288,11 @@ class RouterCore:
             await self.running.acquire()
         finally:
             self.num_waiting -= 1
-        seq_id = request_id or f"req-{next(self._ids)}"
+        seq_id = request_id or f"req-{next(self._request_numbers)}"
         group = min(self.groups, key=lambda g: sum(r.group is g for r in self.requests.values()))
-        worker_index = (next(self._ids) % len(self.workers)) if self.workers else None
-        seq = Sequence(prompt_ids, params, self.tokenizer, self.eos_ids, seq_id=seq_id)
-        req = _Request(seq, params.model_dump(mode="json"), group, worker_index, t_arrival,
+        worker_index = next(self._worker_turns) % len(self.workers) if self.workers else None
+        seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
+        req = _Request(seq, group, worker_index, t_arrival,
                        make_strategy(self.config.drafter, self.worker_info.get("draft_cost_per_token", 0.0)))
         self.requests[seq_id] = req
         self.metrics.set_queue(len(self.requests), self.num_waiting)
@@ -209,7 +307,7 @@ class RouterCore:
         """Live counts, for health checks and leak tests."""
         return {"running": len(self.requests), "waiting": self.num_waiting,
                 "groups": [{"index": g.index, "generation": g.generation, "ranks": len(g.ranks)} for g in self.groups],
-                "draft_workers": len(self.workers), "max_context": self.max_context}
+                "draft_workers": len(self.workers), "max_context": self.info.max_context}
 
     async def held_sequences(self) -> dict:
         """Sequences held by every worker and rank 0 of every group (all 0 when idle)."""
@@ -225,109 +323,33 @@ class RouterCore:
         drafts = await asyncio.gather(*[w.info.remote() for w in self.workers])
         return {"draft_workers": drafts, "target_groups": [g.infos for g in self.groups]}
 
+    def healthy(self) -> bool:
+        """False when a target group has lost its ranks and is not being rebuilt."""
+        return bool(self.groups) and all(g.ranks for g in self.groups if g.index not in self.rebuilding)
+
     # ---------------------------------------------------------------------------------- the loop
 
-    async def _decode(self, req: _Request) -> AsyncIterator[dict]:
-        seq, group = req.seq, req.group
-        cfg = self.config
-        if group.index in self.rebuilding:
-            await self.rebuilding[group.index]
-        generation = group.generation
-        try:
-            hidden = await group.add(seq.seq_id, seq.prompt_ids, req.params_dict)
-        except RayError as e:
-            await self._group_failed(group)
-            raise TargetFailed(str(e)) from None
-        worker = await self._attach(req, hidden)
+    async def _decode(self, req: _Request) -> AsyncIterator[StreamChunk]:
+        seq = req.seq
+        params = seq.params.model_dump(mode="json")
         needs_features = bool(self.worker_info.get("target_layers"))
         # Overlap pays only when drafting costs something: an n-gram lookup is free, and the extra
         # speculative draft call would only add actor traffic (measured in docs/benchmarks.md).
-        pipelining = (cfg.router.pipelining and not needs_features
+        pipelining = (self.config.router.pipelining and not needs_features
                       and self.worker_info.get("draft_cost_per_token", 0.0) > 0.0)
-        ready = None  # a pipelined block already drafted for the next step: (tokens, probs)
-        plain_steps = 0
-        while not seq.finished:
-            room = min(seq.remaining - 1, self.max_context - len(seq.prompt_ids) - len(seq.output_ids) - 1)
-            if room < 0:
-                seq.abort("length")
-                break
-            k = min(req.strategy.next_k(), room)
-            tokens, probs = [], None
-            t0 = time.perf_counter()
-            if k > 0 and ready is not None:
-                tokens, probs = ready[0][:k], (ready[1][:k] if ready[1] is not None else None)
-                self.pipelined_blocks += 1
-            elif k > 0 and worker is not None:
-                block = await self._draft(req, worker, seq.all_ids, k)
-                if block is None:
-                    worker = None
-                else:
-                    tokens = block.token_ids[:k]
-                    probs = block.probs[: len(tokens)] if block.probs is not None else None
-            ready = None
-            if worker is None and req.worker_index is not None and not needs_features:
-                plain_steps += 1
-                if plain_steps % REATTACH_EVERY == 0:
-                    worker = await self._attach(req, None)
-            t1 = time.perf_counter()
-            if group.generation != generation or group.index in self.rebuilding:
-                raise TargetFailed("target group failed during this request")
-            fut = self.batchers[group.index].submit(StepRequest(seq.seq_id, seq.last_id, tokens, probs))
-            speculative = None
-            if pipelining and worker is not None and tokens and len(tokens) < room:
-                # Draft the block after this one, assuming it is fully accepted.
-                speculative = worker.step.remote(seq.seq_id, seq.all_ids + tokens, k + 1, None)
-            result: StepResult = await fut
-            if group.generation != generation:
-                raise TargetFailed("target group was rebuilt")
-            self._record(req, len(tokens), result, t1 - t0)
-            appended = seq.commit(result.verdict.tokens)
-            if result.hidden is not None:
-                req.pending_hidden.append(result.hidden)
-            if speculative is not None and not seq.finished and result.verdict.num_accepted == len(tokens):
-                ready = await self._take_pipelined(req, speculative, result.verdict.tokens[-1])
-            yield self._chunk(req, appended)
-
-    async def _attach(self, req: _Request, hidden) -> object | None:
         if req.worker_index is None:
-            return None
-        worker = self.workers[req.worker_index]
-        try:
-            await worker.start.remote(req.seq.seq_id, req.seq.all_ids, req.params_dict, hidden)
-            return worker
-        except RayError:
-            self.metrics.draft_failure()
-            return None
+            proposer = _NoDraft()
+        else:
+            proposer = RemoteProposer(self.workers[req.worker_index], params, self.metrics,
+                                      pipelining=pipelining, needs_features=needs_features)
+        verifier = GroupVerifier(self, req.group, params)
+        async for out in decode(seq, proposer, verifier, req.strategy, self.info.max_context):
+            self.metrics.step(out.num_draft, out.num_accepted, out.draft_s, out.verify_s)
+            yield self._chunk(req, out.appended)
+        if not req.last_chunk_finished:  # ended without a step (e.g. the context was already full)
+            yield self._chunk(req, [])
 
-    async def _draft(self, req: _Request, worker, token_ids: list[int], k: int):
-        hidden = torch.cat(req.pending_hidden) if req.pending_hidden else None
-        try:
-            block = await worker.step.remote(req.seq.seq_id, token_ids, k, hidden)
-        except RayError:
-            log.warning("draft worker failed; %s continues with plain decoding", req.seq.seq_id)
-            self.metrics.draft_failure()
-            return None
-        req.pending_hidden.clear()
-        return block
-
-    async def _take_pipelined(self, req: _Request, ref, bonus: int):
-        try:
-            block = await ref
-        except RayError:
-            return None
-        if len(block.token_ids) >= 2 and block.token_ids[0] == bonus:
-            return block.token_ids[1:], (block.probs[1:] if block.probs is not None else None)
-        return None
-
-    def _record(self, req: _Request, num_draft: int, result: StepResult, draft_s: float) -> None:
-        stats = req.seq.stats
-        stats.record(num_draft, result.verdict.num_accepted)
-        stats.draft_time_s += draft_s
-        stats.verify_time_s += result.verify_time_s
-        req.strategy.update(num_draft, result.verdict.num_accepted)
-        self.metrics.step(num_draft, result.verdict.num_accepted, draft_s, result.verify_time_s)
-
-    def _chunk(self, req: _Request, appended: list[int]) -> dict:
+    def _chunk(self, req: _Request, appended: list[int]) -> StreamChunk:
         seq = req.seq
         now = time.perf_counter()
         if appended:
@@ -337,23 +359,17 @@ class RouterCore:
                 self.metrics.itl((now - req.t_last_token) / len(appended))
             req.t_last_token = now
         text = seq.text
-        hold = 0
-        if not seq.finished:
-            # Hold back an incomplete UTF-8 character and a possible stop-string prefix.
-            hold = max([len(s) - 1 for s in seq.params.stop] + [0])
-            while len(text) - hold > req.emitted_chars and text[len(text) - hold - 1 : len(text) - hold] == "\ufffd":
-                hold += 1
-        end = max(req.emitted_chars, len(text) - hold)
+        end = len(text) if seq.finished else len(text) - stream_holdback(text, seq.params.stop, req.emitted_chars)
+        end = max(req.emitted_chars, end)
         delta = text[req.emitted_chars : end]
         req.emitted_chars = end
-        chunk: dict = {"token_ids": appended, "text": delta}
-        if seq.finished:
-            chunk["finish_reason"] = "length" if seq.finish_reason == "length" else "stop"
-            chunk["stats"] = seq.stats.to_dict()
-            chunk["usage"] = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
-                              "total_tokens": len(seq.prompt_ids) + len(seq.output_ids)}
-            self.metrics.finished(seq.finish_reason or "stop", len(seq.output_ids), now - req.t_arrival)
-        return chunk
+        if not seq.finished:
+            return StreamChunk(appended, delta)
+        req.last_chunk_finished = True
+        reason = "length" if seq.finish_reason == "length" else "stop"
+        self.metrics.finished(seq.finish_reason or "stop", len(seq.output_ids), now - req.t_arrival)
+        return StreamChunk(appended, delta, finish_reason=reason, stats=seq.stats.to_dict(),
+                           usage=Usage(len(seq.prompt_ids), len(seq.output_ids)))
 
     def _release(self, req: _Request) -> None:
         """Drop the request's state here at once, and on the workers in the background.
@@ -382,7 +398,7 @@ class RouterCore:
         except RayError:
             pass
 
-    async def _group_failed(self, group: TargetGroup) -> None:
+    async def group_failed(self, group: TargetGroup) -> None:
         """Rebuild a group whose rank died (once, however many requests noticed)."""
         if group.index in self.rebuilding:
             return
@@ -402,3 +418,19 @@ class RouterCore:
             g.shutdown()
         for w in self.workers:
             ray.kill(w, no_restart=True)
+
+
+class _NoDraft:
+    """The proposer of a replica without draft workers: every step is plain decoding."""
+
+    async def start(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
+        """Nothing to set up."""
+
+    async def propose(self, seq: Sequence, k: int) -> DraftBlock:
+        return DraftBlock([])
+
+    def speculate(self, seq: Sequence, block: DraftBlock) -> None:
+        """Nothing to pipeline."""
+
+    def observe(self, seq: Sequence, block: DraftBlock, result: StepResult) -> None:
+        """Nothing to learn."""

@@ -16,22 +16,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
+from actors.config import ReplicaConfig
 from cluster.local import pin_serve_grpc_to_loopback
-from deployments.auth import APIKeyAuth, protect
 from deployments.config import AppConfig
 from deployments.openai_api import (
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    api_error,
     completion_body,
+    error_body,
     first_chunk,
     new_id,
     parse,
     sse,
 )
 from specserve.config import SamplingParams
-from specserve.errors import SpecServeError
+from specserve.errors import ErrorInfo, SpecServeError
+from specserve.models import ModelInfo
+from specserve.outputs import StreamChunk
 
 log = logging.getLogger("specserve.app")
 
@@ -41,29 +42,22 @@ APP_NAME = "specserve"
 
 @serve.deployment(name="SpecRouter")
 class SpecRouter:
-    """One router with its own draft workers and target groups (a model replica)."""
+    """One model replica: a core with its own draft workers and target groups."""
 
     async def __init__(self, config: dict):
         from actors.router import RouterCore
 
         pin_serve_grpc_to_loopback()
-        self.core = RouterCore(AppConfig.model_validate(config))
+        self.core = RouterCore(ReplicaConfig.model_validate(config))
         await self.core.start()
 
-    async def generate(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[dict]:
-        """Stream chunks; errors become a final ``{"error": {...}}`` chunk so they cross the handle intact."""
-        from actors.router import Saturated, TargetFailed
-
+    async def generate(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[StreamChunk]:
+        """Stream the request's chunks; an error ends the stream as a chunk (types do not cross the handle)."""
         try:
             async for chunk in self.core.generate(prompt_ids, SamplingParams.model_validate(params), request_id):
                 yield chunk
         except SpecServeError as e:
-            yield {"error": {"status": 400, "message": e.message, "param": e.param}}
-        except Saturated as e:
-            yield {"error": {"status": 503, "message": str(e), "param": None}}
-        except TargetFailed as e:
-            yield {"error": {"status": 500, "message": f"target worker failed during generation: {e}",
-                             "param": None}}
+            yield StreamChunk.failed(e.info())
 
     async def status(self) -> dict:
         return self.core.status()
@@ -75,7 +69,7 @@ class SpecRouter:
         return await self.core.placement()
 
     async def check_health(self) -> None:
-        if not self.core.groups or any(not g.ranks for g in self.core.groups if g.index not in self.core.rebuilding):
+        if not self.core.healthy():
             raise RuntimeError("a target group has no ranks")
 
     def __del__(self):
@@ -88,39 +82,26 @@ class SpecRouter:
 
 
 api = FastAPI(title="specserve", description="OpenAI-compatible speculative decoding server")
-# Every route below needs an API key when keys are configured (except /health); see deployments/auth.py.
-protect(api, lambda: serve.get_replica_context().servable_object.auth)
 
 
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(api)
 class OpenAIIngress:
-    """HTTP front: validates OpenAI requests, tokenizes, streams the router's chunks back."""
+    """HTTP front: validates OpenAI requests, tokenizes, streams the replica's chunks back."""
 
     def __init__(self, router, config: dict):
-        from transformers import AutoConfig, AutoTokenizer
-
-        from specserve.models import resolve_model_path
-
         pin_serve_grpc_to_loopback()
         self.config = AppConfig.model_validate(config)
-        path = resolve_model_path(self.config.model.model, self.config.model.cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model_cfg = AutoConfig.from_pretrained(path)
-        self.max_context = int(getattr(model_cfg, "max_position_embeddings", 2048))
-        if self.config.serve.max_model_len:
-            self.max_context = min(self.max_context, self.config.serve.max_model_len)
+        self.info = ModelInfo.load(self.config.model, self.config.serve.max_model_len)
         self.router = router
         self.model_name = self.config.serve.model_name
         from actors.metrics import error_counter
 
         self.errors = error_counter(self.model_name)
-        self.auth = APIKeyAuth.load(self.config.serve.api_keys_file,
-                                    on_reject=lambda: self.errors.inc(1, tags={"status": "401"}))
 
-    def _error(self, e: APIError) -> JSONResponse:
+    def _error(self, e: ErrorInfo) -> JSONResponse:
         self.errors.inc(1, tags={"status": str(e.status)})
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(error_body(e), status_code=e.status)
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -129,7 +110,7 @@ class OpenAIIngress:
     @api.get("/v1/models")
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "specserve", "max_model_len": self.max_context}]}
+                                            "owned_by": "specserve", "max_model_len": self.info.max_context}]}
 
     @api.get("/v1/router/status")
     async def router_status(self) -> dict:
@@ -151,58 +132,44 @@ class OpenAIIngress:
             body = await request.body()
             req = parse(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
             if req.model != self.model_name:
-                raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                               "model", "model_not_found")
+                raise SpecServeError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                                     "model", status=404, code="model_not_found")
             params = req.sampling(self.config.serve.default_max_tokens)
             prompt_ids = self._prompt_ids(req, kind)
-            if len(prompt_ids) + params.max_tokens > self.max_context:
-                param = "messages" if kind == "chat" else "prompt"
-                if len(prompt_ids) < self.max_context:
-                    param = "max_tokens"
-                raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                               f"the model's context of {self.max_context} tokens", param)
-        except APIError as e:
-            return self._error(e)
+            self.info.check_fits(len(prompt_ids), params.max_tokens, "messages" if kind == "chat" else "prompt")
+        except SpecServeError as e:
+            return self._error(e.info())
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         stream = self.router.options(stream=True).generate.remote(prompt_ids, params.model_dump(mode="json"), rid)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             first = await first_chunk(stream)
-            if "error" in first:
-                return self._error(api_error(first["error"]))
+            if first.error is not None:
+                return self._error(first.error)
             return StreamingResponse(self._sse(kind, rid, first, stream, include_usage),
                                      media_type="text/event-stream")
-        text, final = "", {}
+        text, final = "", None
         try:
             async for chunk in stream:
-                if "error" in chunk:
-                    return self._error(api_error(chunk["error"]))
-                text += chunk["text"]
+                if chunk.error is not None:
+                    return self._error(chunk.error)
+                text += chunk.text
                 final = chunk
         except BaseException:
             stream.cancel()  # client gone or replica shutting down: the router frees the sequence
             raise
-        return completion_body(kind, rid, self.model_name, text, final.get("finish_reason"), final.get("usage"),
-                               final.get("stats"), chunk=False)
+        return completion_body(kind, rid, self.model_name, text, final.finish_reason if final else None,
+                               final.usage.to_dict() if final and final.usage else None,
+                               final.stats if final else None, chunk=False)
 
     def _prompt_ids(self, req, kind: str) -> list[int]:
         if kind == "chat":
             messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                         for m in req.messages]
-            if not any(m["content"].strip() for m in messages):
-                raise APIError(400, "messages: every message is empty", "messages")
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if not prompt or not all(isinstance(t, int) and 0 <= t < len(self.tokenizer) for t in prompt):
-                raise APIError(400, "prompt: token ids must be integers within the vocabulary", "prompt")
-            return prompt
-        if not prompt.strip():
-            raise APIError(400, "prompt: must not be empty", "prompt")
-        return self.tokenizer.encode(prompt)
+            return self.info.encode(messages)
+        return self.info.encode(req.prompt)
 
-    async def _sse(self, kind: str, rid: str, first: dict, stream, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, kind: str, rid: str, first: StreamChunk, stream, include_usage: bool) -> AsyncIterator[str]:
         try:
             async for event in self._events(kind, rid, first, stream, include_usage):
                 yield event
@@ -210,21 +177,21 @@ class OpenAIIngress:
             # Runs when the client disconnects mid-stream too: cancelling frees the router's sequence.
             stream.cancel()
 
-    async def _events(self, kind: str, rid: str, first: dict, stream, include_usage: bool) -> AsyncIterator[str]:
+    async def _events(self, kind: str, rid: str, first: StreamChunk, stream,
+                      include_usage: bool) -> AsyncIterator[str]:
         chunk, is_first = first, True
         while True:
-            if "error" in chunk:
-                yield sse({"error": chunk["error"]})
+            if chunk.error is not None:
+                yield sse(error_body(chunk.error))
                 break
-            finished = chunk.get("finish_reason") is not None
-            if chunk["text"] or is_first or finished:
-                yield sse(completion_body(kind, rid, self.model_name, chunk["text"], chunk.get("finish_reason"),
-                                          None, chunk.get("stats") if finished else None, chunk=True,
-                                          first=is_first))
+            if chunk.text or is_first or chunk.finished:
+                yield sse(completion_body(kind, rid, self.model_name, chunk.text, chunk.finish_reason, None,
+                                          chunk.stats, chunk=True, first=is_first))
                 is_first = False
-            if finished:
-                if include_usage:
-                    body = completion_body(kind, rid, self.model_name, "", None, chunk.get("usage"), None, chunk=True)
+            if chunk.finished:
+                if include_usage and chunk.usage is not None:
+                    body = completion_body(kind, rid, self.model_name, "", None, chunk.usage.to_dict(), None,
+                                           chunk=True)
                     body["choices"] = []
                     yield sse(body)
                 async for _ in stream:  # let the router's generator finish and free the sequence itself
@@ -266,9 +233,8 @@ def build_app(args: dict | None = None) -> Application:
     config = AppConfig.from_args(args)
     opts = deployment_options(config)
     log.info("specserve deployment options: %s", opts)
-    payload = config.model_dump(mode="json")
-    router = SpecRouter.options(**opts["SpecRouter"]).bind(payload)
-    return OpenAIIngress.options(**opts["OpenAIIngress"]).bind(router, payload)
+    router = SpecRouter.options(**opts["SpecRouter"]).bind(config.replica().model_dump(mode="json"))
+    return OpenAIIngress.options(**opts["OpenAIIngress"]).bind(router, config.model_dump(mode="json"))
 
 
 def wait_until_ready(app_name: str = APP_NAME, timeout_s: float = 300.0) -> None:

@@ -63,7 +63,7 @@ def run(args) -> int:
     from deployments.app import build_app, wait_until_ready
     from specserve.config import DrafterConfig, EngineConfig, ModelConfig, SamplingParams
     from specserve.data import load_prompts
-    from specserve.engine import SpecEngine, encode_prompt
+    from specserve.engine import SpecEngine
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -89,7 +89,7 @@ def run(args) -> int:
                                                                                  num_speculative_tokens=0))
     engine = SpecEngine.from_config(engine_cfg)
     params = SamplingParams(max_tokens=args.max_tokens)
-    encoded = [encode_prompt(engine.target, p["prompt"], chat=True) for p in prompts]
+    encoded = [engine.info.encode(p["prompt"], chat=True) for p in prompts]
     engine.generate(encoded[0], params.model_copy(update={"max_tokens": 4}))
     in_process = {}
     for name, (drafter, _) in configs.items():

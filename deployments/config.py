@@ -10,15 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, model_validator
 
+from actors.config import ReplicaConfig, RouterConfig
 from cluster.config import TopologyConfig
-from specserve.config import DrafterConfig, ModelConfig, StrictModel, validated
+from specserve.config import DrafterConfig, ModelConfig, StrictModel, load_yaml, validated
 
 
 class AutoscalingConfig(StrictModel):
-    """Ray Serve autoscaling of the OpenAI ingress deployment."""
+    """Ray Serve autoscaling of one deployment (the ingress, or the model replicas)."""
 
     min_replicas: int = Field(1, ge=0, le=1000, description="Fewest ingress replicas.")
     max_replicas: int = Field(2, ge=1, le=1000, description="Most ingress replicas.")
@@ -31,25 +31,6 @@ class AutoscalingConfig(StrictModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
         return self
-
-
-class RouterConfig(StrictModel):
-    """The router that moves blocks between draft workers and verifier groups."""
-
-    pipelining: bool = Field(
-        True,
-        description="Draft the next block while the current one is verified, assuming full acceptance "
-        "(discarded on a rejection). Applies to drafters with a cost (draft models); free n-gram lookup "
-        "and drafters that need the target's hidden states are never pipelined.",
-    )
-    batching: bool = Field(True, description="Verify blocks of several sequences in one target pass.")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences in one verification pass.")
-    max_running_requests: int = Field(
-        64, ge=1, le=100000, description="Sequences decoded at once; more wait in the queue."
-    )
-    max_waiting_requests: int = Field(
-        256, ge=0, le=1000000, description="Queued requests beyond which new ones get HTTP 503."
-    )
 
 
 class ServeConfig(StrictModel):
@@ -75,6 +56,12 @@ class ServeConfig(StrictModel):
         None, ge=16, description="Context limit (prompt + max_tokens); None: the model's own."
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of accepted API keys (one per line or comma-separated), read once when the ingress "
+        "starts; None: $SPECSERVE_API_KEYS_FILE if set. Keys in $SPECSERVE_API_KEYS are accepted too. No key "
+        "anywhere: authentication is off (fine on 127.0.0.1 only). See docs/api.md.",
+    )
 
 
 class AppConfig(StrictModel):
@@ -95,17 +82,8 @@ class AppConfig(StrictModel):
             args = {**load_yaml(path), **args}
         return validated(cls, args)  # type: ignore[return-value]
 
+    def replica(self) -> ReplicaConfig:
+        """What each model replica (SpecRouter) needs from this config."""
+        return ReplicaConfig(model=self.model, drafter=self.drafter, topology=self.topology, router=self.router,
+                             model_name=self.serve.model_name, max_model_len=self.serve.max_model_len)
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (an empty file is an empty config)."""
-    from specserve.errors import SpecServeError
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise SpecServeError(f"config file not found: {path}", param="config") from None
-    except yaml.YAMLError as e:
-        raise SpecServeError(f"config file {path} is not valid YAML: {e}", param="config") from None
-    if not isinstance(data, dict):
-        raise SpecServeError(f"config file {path} must hold a mapping at the top level", param="config")
-    return data

@@ -1,4 +1,8 @@
-"""OpenAI-compatible request models, error bodies and response/stream formatting (no Ray here)."""
+"""OpenAI-compatible request models, error bodies and response/stream formatting (no Ray here).
+
+Errors are :class:`specserve.errors.SpecServeError` (with their HTTP status) everywhere;
+``error_body`` renders one as OpenAI does.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from specserve.config import SamplingParams
+from specserve.config import SamplingParams, user_error_from
+from specserve.errors import ErrorInfo, SpecServeError
+from specserve.outputs import StreamChunk
 
 
-class APIError(Exception):
-    """An error answered as OpenAI does: ``{"error": {message, type, param, code}}`` with a status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    @property
-    def type(self) -> str:
-        return {400: "invalid_request_error", 404: "invalid_request_error", 422: "invalid_request_error",
-                503: "server_overloaded"}.get(self.status, "server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+def error_body(error: ErrorInfo) -> dict:
+    """OpenAI's error body: ``{"error": {message, type, param, code}}``."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
 class _Common(BaseModel):
@@ -51,19 +46,19 @@ class _Common(BaseModel):
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """Validated core sampling parameters; errors name the OpenAI field."""
         if self.n != 1:
-            raise APIError(400, f"n must be 1 (got {self.n}): one choice per request is supported", "n")
+            raise SpecServeError(f"n must be 1 (got {self.n}): one choice per request is supported", "n")
         if self.presence_penalty or self.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported; pass 0",
+            raise SpecServeError("presence_penalty and frequency_penalty are not supported; pass 0",
                            "presence_penalty" if self.presence_penalty else "frequency_penalty")
         if self.logprobs not in (None, False, 0):
-            raise APIError(400, "logprobs are not supported", "logprobs")
+            raise SpecServeError("logprobs are not supported", "logprobs")
         data = {"max_tokens": self.max_tokens if self.max_tokens is not None else default_max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
                 "stop": self.stop, "ignore_eos": self.ignore_eos}
         try:
             return SamplingParams.model_validate(data)
         except ValidationError as e:
-            raise from_validation(e) from None
+            raise user_error_from(e) from None
 
 
 class CompletionRequest(_Common):
@@ -112,28 +107,18 @@ class ChatCompletionRequest(_Common):
         return super().sampling(default_max_tokens)
 
 
-def from_validation(e: ValidationError) -> APIError:
-    """One 400 naming the first offending field."""
-    err = e.errors()[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        msg = "field required"
-    return APIError(400, f"{param}: {msg}" if param else msg, param)
-
-
 def parse(model_cls: type[_Common], body: bytes) -> _Common:
-    """Parse a request body or raise a 400 APIError."""
+    """Parse a request body or raise a SpecServeError (400) naming the field."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
+        raise SpecServeError(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
+        raise SpecServeError("request body must be a JSON object")
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
-        raise from_validation(e) from None
+        raise user_error_from(e) from None
 
 
 def new_id(prefix: str) -> str:
@@ -169,7 +154,8 @@ def completion_body(kind: str, rid: str, model: str, text: str, finish_reason: s
 def spec_decode_summary(stats: dict) -> dict:
     """The per-request statistics clients see, named as vLLM names them."""
     keys = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "mean_accepted_length", "acceptance_rate",
-            "accepted_per_position", "acceptance_by_position", "draft_time_s", "verify_time_s")
+            "accepted_per_position", "acceptance_by_position", "num_pipelined_drafts", "draft_time_s",
+            "verify_time_s")
     return {k: stats[k] for k in keys if k in stats}
 
 
@@ -178,14 +164,9 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def first_chunk(stream) -> dict:
-    """The first chunk of a router stream (errors arrive as a chunk too)."""
+async def first_chunk(stream) -> StreamChunk:
+    """The first chunk of a replica's stream (errors arrive as a chunk too)."""
     try:
         return await stream.__anext__()
     except StopAsyncIteration:
-        return {"error": {"status": 500, "message": "generation ended without output", "param": None}}
-
-
-def api_error(err: dict) -> APIError:
-    """An error chunk from the router as an APIError."""
-    return APIError(err["status"], err["message"], err.get("param"))
+        return StreamChunk.failed(ErrorInfo(500, "generation ended without output"))

@@ -7,7 +7,8 @@ import threading
 
 from cluster.local import LOOPBACK, init_local_ray
 from deployments.app import APP_NAME, build_app, wait_until_ready
-from deployments.config import AppConfig, load_yaml
+from deployments.config import AppConfig
+from specserve.config import load_yaml
 
 
 def start(config: AppConfig, app_name: str = APP_NAME) -> None:

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from specserve.config import DrafterConfig, SamplingParams
-from specserve.engine import SpecEngine, check_lengths, encode_prompt
+from specserve.engine import SpecEngine
 
 BASELINE = "none"
 PEERS = ("hf_generate", "hf_prompt_lookup")
@@ -43,8 +43,8 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
     methods = list(engines) + (list(PEERS) if spec.peers else [])
     encoded = []
     for rec in prompts:
-        ids = encode_prompt(engine.target, rec["prompt"], spec.chat)
-        check_lengths(len(ids), spec.params, engine.target.max_context)
+        ids = engine.info.encode(rec["prompt"], chat=spec.chat)
+        engine.info.check_fits(len(ids))
         encoded.append(ids)
     baseline.generate(encoded[0], spec.params.model_copy(update={"max_tokens": 4}))  # warm-up
 

@@ -8,8 +8,9 @@ a :class:`DrafterConfig`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specserve.errors import SpecServeError
@@ -50,6 +51,28 @@ class ModelConfig(StrictModel):
     )
     num_threads: int | None = Field(
         None, ge=1, le=1024, description="torch intra-op threads for this process; None keeps torch's default."
+    )
+
+
+class TreeConfig(StrictModel):
+    """Token-tree speculation: several draft branches verified in one target pass (0 nodes = a chain)."""
+
+    max_nodes: int = Field(
+        0, ge=0,
+        description="Most draft nodes per tree (the verification budget); 0 = a chain of k tokens, as "
+        "without trees. Must leave room in the model's context. CLI: --tree-nodes.",
+    )
+    branching: int = Field(3, ge=1, le=64, description="Most children per node. CLI: --tree-branching.")
+    max_depth: int = Field(
+        MAX_SPECULATIVE_TOKENS, ge=1, le=MAX_SPECULATIVE_TOKENS,
+        description="Longest path; the drafter's k (adaptive or fixed) caps it further. CLI: --tree-depth.",
+    )
+    min_path_prob: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Drop nodes whose path probability under the drafter is below this. CLI: --tree-min-prob.",
+    )
+    adaptive: bool = Field(
+        True, description="Halve the node budget while few tokens are accepted per step, restore it while many are.",
     )
 
 
@@ -94,6 +117,10 @@ class DrafterConfig(StrictModel):
         le=10.0,
         description="Adaptive k's cost model: cost of drafting one token as a fraction of a target decode "
         "step. None: the drafter's own estimate (0 for ngram).",
+    )
+    tree: TreeConfig = Field(
+        default_factory=TreeConfig,
+        description="Token-tree speculation (max_nodes 0 = chain). A dict or a TreeConfig.",
     )
 
     @model_validator(mode="after")
@@ -181,5 +208,19 @@ def user_error_from(e: ValidationError, param_prefix: str = "") -> SpecServeErro
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     param = ".".join(p for p in (param_prefix, loc) if p) or None
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = "field required" if err["type"] == "missing" else err["msg"].removeprefix("Value error, ")
     return SpecServeError(f"{param}: {msg}" if param else msg, param=param)
+
+
+def load_yaml(path: Path | str, param: str = "config") -> dict[str, Any]:
+    """Read a YAML config file into a dict (an empty file is an empty config); errors name ``param``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SpecServeError(f"config file not found: {path}", param=param) from None
+    except yaml.YAMLError as e:
+        raise SpecServeError(f"config file {path} is not valid YAML: {e}", param=param) from None
+    if not isinstance(data, dict):
+        raise SpecServeError(f"config file {path} must hold a mapping at the top level", param=param)
+    return data

@@ -1,12 +1,8 @@
-"""The in-process speculative decoding engine: one target, one drafter, the generate loop.
+"""The in-process speculative decoding engine: one target, one drafter, the loop of ``specserve.step``.
 
-One step of the loop (the same steps the Ray router takes across actors)::
-
-    k      = strategy.next_k()                          # adaptive or fixed block length
-    block  = drafter.propose(seq, tokens, k)             # k' <= k draft tokens (+ q if sampled)
-    result = verifier.step(newest token + block)         # one target pass, accept/reject, KV rollback
-    seq.commit(result.verdict.tokens)                   # accepted + recovered/bonus, stop conditions
-    drafter.commit(seq, tokens, hidden)                 # drafter rolls back to the committed prefix
+``SpecEngine.generate`` runs :func:`specserve.step.decode` with a local drafter
+(:class:`LocalProposer`) and the in-process :class:`specserve.target.Verifier`
+(:class:`LocalVerifier`); the Ray router runs the same loop with actor-backed ones.
 """
 
 from __future__ import annotations
@@ -15,14 +11,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from specserve.config import DrafterConfig, EngineConfig, SamplingParams
 from specserve.drafters import Drafter, make_drafter
-from specserve.errors import SpecServeError
+from specserve.drafters.base import DraftBlock
 from specserve.models import LoadedModel, load_model
 from specserve.sequence import Sequence
 from specserve.stats import SpecStats
+from specserve.step import decode, run_sync
 from specserve.strategy import make_strategy
-from specserve.target import StepRequest, Verifier
+from specserve.target import StepRequest, StepResult, Verifier
 
 
 @dataclass
@@ -54,31 +53,52 @@ class GenerationResult:
         }
 
 
-def encode_prompt(target: LoadedModel, prompt: str | list[dict], chat: bool) -> list[int]:
-    """Token ids of a prompt (raw text, or chat messages / text through the chat template)."""
-    if isinstance(prompt, str) and not prompt.strip():
-        raise SpecServeError("prompt is empty: pass some text to continue", param="prompt")
-    tok = target.tokenizer
-    if chat or isinstance(prompt, list):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if not messages:
-            raise SpecServeError("messages is empty: pass at least one message", param="messages")
-        if tok.chat_template is None:
-            raise SpecServeError(f"model {target.path!r} has no chat template; drop --chat", param="chat")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(ids)
-    return tok.encode(prompt)
+class LocalProposer:
+    """A drafter in this process as a :class:`specserve.step.Proposer`.
+
+    The drafter learns what was committed right before it proposes (one call per step, as on a
+    draft worker); target features of the kept positions wait here until then.
+    """
+
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
+        self.pending_hidden: dict[str, list[torch.Tensor]] = {}
+
+    async def start(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
+        self.pending_hidden[seq.seq_id] = []
+        self.drafter.start(seq.seq_id, seq.prompt_ids, seq.params, target_hidden)
+
+    async def propose(self, seq: Sequence, k: int) -> DraftBlock:
+        pending = self.pending_hidden[seq.seq_id]
+        hidden = torch.cat(pending) if pending else None
+        pending.clear()
+        self.drafter.commit(seq.seq_id, seq.all_ids, hidden)
+        return self.drafter.propose(seq.seq_id, seq.all_ids, k)
+
+    def speculate(self, seq: Sequence, block: DraftBlock) -> None:
+        """No pipelining in process: drafting and verification share the same CPU."""
+
+    def observe(self, seq: Sequence, block: DraftBlock, result: StepResult) -> None:
+        if result.hidden is not None:
+            self.pending_hidden[seq.seq_id].append(result.hidden)
+
+    def finish(self, seq: Sequence) -> None:
+        """Free the sequence's drafter state."""
+        self.pending_hidden.pop(seq.seq_id, None)
+        self.drafter.finish(seq.seq_id)
 
 
-def check_lengths(prompt_len: int, params: SamplingParams, max_context: int) -> None:
-    """Refuse a prompt that leaves no room to generate within the model's context."""
-    if prompt_len == 0:
-        raise SpecServeError("prompt is empty after tokenization", param="prompt")
-    if prompt_len >= max_context:
-        raise SpecServeError(
-            f"prompt has {prompt_len} tokens; the model's context is {max_context}: shorten the prompt",
-            param="prompt",
-        )
+class LocalVerifier:
+    """The in-process :class:`specserve.target.Verifier` as a :class:`specserve.step.BlockVerifier`."""
+
+    def __init__(self, verifier: Verifier):
+        self.verifier = verifier
+
+    async def prefill(self, seq: Sequence) -> torch.Tensor | None:
+        return self.verifier.add(seq.seq_id, seq.prompt_ids, seq.params)
+
+    async def verify(self, seq: Sequence, block: DraftBlock) -> StepResult:
+        return self.verifier.step(StepRequest(seq.seq_id, seq.last_id, block.token_ids, block.probs))
 
 
 class SpecEngine:
@@ -89,6 +109,7 @@ class SpecEngine:
         self.drafter = drafter
         self.drafter_cfg = drafter_cfg
         self.verifier = Verifier(target, hidden_layers=drafter.target_layers)
+        self.info = target.info
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, target: LoadedModel | None = None) -> SpecEngine:
@@ -111,17 +132,24 @@ class SpecEngine:
         """Generate a completion; ``on_tokens`` receives each step's committed tokens (streaming)."""
         params = params or SamplingParams()
         t_start = time.perf_counter()
-        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
-            prompt_ids = list(prompt)  # already token ids
-        else:
-            prompt_ids = encode_prompt(self.target, prompt, chat)
-        check_lengths(len(prompt_ids), params, self.target.max_context)
-        seq = Sequence(prompt_ids, params, self.target.tokenizer, self.target.eos_token_ids)
+        info = self.info
+        prompt_ids = info.encode(prompt, chat=chat)
+        info.check_fits(len(prompt_ids))
+        seq = Sequence(prompt_ids, params, self.target.tokenizer, info.eos_token_ids)
+        proposer = LocalProposer(self.drafter)
+        strategy = make_strategy(self.drafter_cfg, self.drafter.draft_cost_per_token)
+        steps = decode(seq, proposer, LocalVerifier(self.verifier), strategy, info.max_context)
         try:
-            self._run(seq, on_tokens)
+            while True:
+                try:
+                    outcome = run_sync(steps.__anext__())
+                except StopAsyncIteration:
+                    break
+                if on_tokens and outcome.appended:
+                    on_tokens(outcome.appended)
         finally:
             self.verifier.free(seq.seq_id)
-            self.drafter.finish(seq.seq_id)
+            proposer.finish(seq)
         return GenerationResult(
             text=seq.text,
             token_ids=seq.output_ids,
@@ -130,34 +158,3 @@ class SpecEngine:
             num_prompt_tokens=len(prompt_ids),
             elapsed_s=time.perf_counter() - t_start,
         )
-
-    def _run(self, seq: Sequence, on_tokens: Callable[[list[int]], None] | None) -> None:
-        stats = seq.stats
-        strategy = make_strategy(self.drafter_cfg, self.drafter.draft_cost_per_token)
-        max_context = self.target.max_context
-        t0 = time.perf_counter()
-        hidden = self.verifier.add(seq.seq_id, seq.prompt_ids, seq.params)
-        stats.prefill_time_s += time.perf_counter() - t0
-        self.drafter.start(seq.seq_id, seq.prompt_ids, seq.params, hidden)
-        while not seq.finished:
-            # Never draft past max_tokens or the context: those tokens could only be thrown away.
-            room = min(seq.remaining - 1, max_context - len(seq.prompt_ids) - len(seq.output_ids) - 1)
-            if room < 0:
-                seq.abort("length")
-                break
-            k = min(strategy.next_k(), room)
-            t0 = time.perf_counter()
-            block = self.drafter.propose(seq.seq_id, seq.all_ids, k) if k > 0 else None
-            t1 = time.perf_counter()
-            draft_tokens = block.token_ids[:k] if block else []
-            draft_probs = block.probs[: len(draft_tokens)] if block and block.probs is not None else None
-            result = self.verifier.step(StepRequest(seq.seq_id, seq.last_id, draft_tokens, draft_probs))
-            stats.draft_time_s += t1 - t0
-            stats.verify_time_s += result.verify_time_s
-            stats.record(len(draft_tokens), result.verdict.num_accepted)
-            strategy.update(len(draft_tokens), result.verdict.num_accepted)
-            appended = seq.commit(result.verdict.tokens)
-            if not seq.finished:
-                self.drafter.commit(seq.seq_id, seq.all_ids, result.hidden)
-            if on_tokens and appended:
-                on_tokens(appended)

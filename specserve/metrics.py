@@ -71,6 +71,8 @@ PROMPT_TOKENS = _c("prompt_tokens", "Prompt tokens processed.")
 GENERATION_TOKENS = _c("generation_tokens", "Tokens generated.")
 REQUEST_SUCCESS = _c("request_success", "Requests finished, by finish reason.", ("model", "finished_reason"))
 REQUEST_ERRORS = _c("request_errors", "Requests that ended in an error, by HTTP status.", ("model", "status"))
+NUM_PIPELINED_DRAFTS = _c("spec_decode_num_pipelined_drafts",
+                          "Draft blocks that were drafted while the previous block was verified (pipelining hits).")
 DRAFT_WORKER_RESTARTS = _c("draft_worker_failures", "Draft worker calls that failed (the router falls back).")
 
 NUM_REQUESTS_RUNNING = _g("num_requests_running", "Sequences being decoded.")
@@ -83,7 +85,7 @@ ITL = _h("inter_token_latency_seconds", "Time between consecutive streamed token
 E2E_LATENCY = _h("e2e_request_latency_seconds", "Time from request arrival to its last token.")
 
 ALL: tuple[MetricSpec, ...] = (
-    NUM_DRAFTS, NUM_DRAFT_TOKENS, NUM_ACCEPTED_TOKENS, NUM_ACCEPTED_PER_POS,
+    NUM_DRAFTS, NUM_DRAFT_TOKENS, NUM_ACCEPTED_TOKENS, NUM_ACCEPTED_PER_POS, NUM_PIPELINED_DRAFTS,
     PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, REQUEST_ERRORS, DRAFT_WORKER_RESTARTS,
     NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING,
     DRAFT_LATENCY, VERIFY_LATENCY, TTFT, ITL, E2E_LATENCY,

@@ -120,6 +120,91 @@ def resolve_model_path(model: str, cache_dir: Path | None = None) -> str:
     )
 
 
+def _eos_ids(*sources: object) -> frozenset[int]:
+    """Every token id named as end-of-sequence by any of ``sources`` (ints or lists of ints)."""
+    ids: set[int] = set()
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list):
+            ids.update(i for i in src if isinstance(i, int))
+    return frozenset(ids)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a target model, derived once and asked for everywhere else.
+
+    Context length, end-of-sequence ids, prompt encoding (chat template included) and the
+    context-length check: the engine, the router, the vLLM core and the HTTP front end all
+    use these instead of deriving them again. Needs the tokenizer and config, not the weights.
+    """
+
+    path: str
+    tokenizer: PreTrainedTokenizerBase
+    max_context: int  # longest prompt + output, after any served ``max_model_len`` limit
+    eos_token_ids: frozenset[int]  # every token that ends a sequence
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, max_model_len: int | None = None) -> ModelInfo:
+        """Read the facts of ``cfg``'s model from its directory, without loading weights."""
+        from transformers import AutoConfig, GenerationConfig
+
+        path = resolve_model_path(cfg.model, cfg.cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        try:
+            generation_eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:
+            generation_eos = getattr(config, "eos_token_id", None)
+        return cls.build(path, tokenizer, config, generation_eos, max_model_len)
+
+    @classmethod
+    def build(cls, path: str, tokenizer: PreTrainedTokenizerBase, config: object, generation_eos: object,
+              max_model_len: int | None = None) -> ModelInfo:
+        """The facts from an already loaded tokenizer and model config."""
+        max_context = int(getattr(config, "max_position_embeddings", 2048))
+        if max_model_len:
+            max_context = min(max_context, max_model_len)
+        return cls(path, tokenizer, max_context, _eos_ids(generation_eos, tokenizer.eos_token_id))
+
+    def encode(self, prompt: str | list[dict] | list[int], *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text, chat messages (through the chat template) or token ids.
+
+        ``chat`` wraps plain text as one user message. Errors name ``prompt`` or ``messages``.
+        """
+        tok = self.tokenizer
+        if isinstance(prompt, list) and not prompt:
+            raise SpecServeError("prompt is empty: pass text, messages or token ids", "prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            if not all(0 <= t < len(tok) for t in prompt):
+                raise SpecServeError("prompt: token ids must be integers within the vocabulary", "prompt")
+            return list(prompt)
+        if isinstance(prompt, str) and not chat:
+            if not prompt.strip():
+                raise SpecServeError("prompt is empty: pass some text to continue", "prompt")
+            return tok.encode(prompt)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        param = "prompt" if isinstance(prompt, str) else "messages"
+        if not messages or not any(str(m.get("content") or "").strip() for m in messages):
+            raise SpecServeError(f"{param} is empty: pass at least one non-empty message", param)
+        if tok.chat_template is None:
+            raise SpecServeError(f"model {self.path!r} has no chat template: send a plain prompt", "chat")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    def check_fits(self, prompt_len: int, max_tokens: int | None = None, prompt_param: str = "prompt") -> None:
+        """Refuse a prompt that leaves no room within the context (and, if given, prompt + max_tokens beyond it)."""
+        if prompt_len == 0:
+            raise SpecServeError(f"{prompt_param} is empty after tokenization", prompt_param)
+        if prompt_len >= self.max_context:
+            raise SpecServeError(f"{prompt_param} has {prompt_len} tokens; the model's context is "
+                                 f"{self.max_context}: shorten it", prompt_param)
+        if max_tokens is not None and prompt_len + max_tokens > self.max_context:
+            raise SpecServeError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                                 f"context of {self.max_context} tokens: lower max_tokens", "max_tokens")
+
+
 @dataclass
 class LoadedModel:
     """A model with its tokenizer, device and dtype."""
@@ -131,21 +216,20 @@ class LoadedModel:
     dtype: torch.dtype
 
     @property
-    def max_context(self) -> int:
-        """Longest sequence (prompt + generated) the model supports."""
-        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+    def info(self) -> ModelInfo:
+        """The model's facts (context, EOS ids, prompt encoding)."""
+        gen = self.model.generation_config
+        return ModelInfo.build(self.path, self.tokenizer, self.model.config, gen.eos_token_id if gen else None)
 
     @property
-    def eos_token_ids(self) -> set[int]:
+    def max_context(self) -> int:
+        """Longest sequence (prompt + generated) the model supports."""
+        return self.info.max_context
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
         """Every token id that ends a sequence."""
-        ids: set[int] = set()
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
-        for src in (eos, self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif isinstance(src, list):
-                ids.update(src)
-        return ids
+        return self.info.eos_token_ids
 
 
 def load_model(cfg: ModelConfig, **from_pretrained_kwargs: object) -> LoadedModel:

@@ -91,3 +91,15 @@ class Sequence:
     def abort(self, reason: str = "abort") -> None:
         """End the sequence early (client gone, server error)."""
         self._finish(reason)
+
+
+def stream_holdback(text: str, stop: list[str], emitted: int) -> int:
+    """Characters at the end of ``text`` not to stream yet.
+
+    A possible stop-string prefix (up to the longest stop string minus one) and an incomplete
+    UTF-8 character (decoded as U+FFFD) may still change; never hold back what was already sent.
+    """
+    hold = max([len(s) - 1 for s in stop] + [0])
+    while len(text) - hold > emitted and text[len(text) - hold - 1] == "\ufffd":
+        hold += 1
+    return hold

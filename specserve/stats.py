@@ -19,6 +19,7 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
     num_steps: int = 0  # target passes after prefill, with or without a draft
+    num_pipelined_drafts: int = 0  # drafts drafted during the previous verification (the overlap paid)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0
@@ -40,7 +41,7 @@ class SpecStats:
 
     def merge(self, other: SpecStats) -> None:
         """Add another request's counters into this one."""
-        for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_steps",
+        for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_steps", "num_pipelined_drafts",
                      "draft_time_s", "verify_time_s", "prefill_time_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.accepted_per_position, other.accepted_per_position),

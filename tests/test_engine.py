@@ -106,10 +106,11 @@ def test_eos_inside_a_block_stops_exactly(tiny_target, tiny_dir):
     # Declare the 6th generated token to be EOS: a self-drafted block of 8 must stop right after it.
     fake_eos = reference[5]
     first = reference.index(fake_eos)
-    engine = engine_for(tiny_target, "draft_model", 8, path=str(tiny_dir))
     original = tiny_target.model.generation_config.eos_token_id
     tiny_target.model.generation_config.eos_token_id = fake_eos
     try:
+        # The engine reads the model's EOS ids once, when it is built.
+        engine = engine_for(tiny_target, "draft_model", 8, path=str(tiny_dir))
         result = engine.generate(PROMPTS[0], SamplingParams(max_tokens=30))
     finally:
         tiny_target.model.generation_config.eos_token_id = original

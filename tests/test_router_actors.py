@@ -74,14 +74,20 @@ def app_config(model_dir, **overrides):
     }
     for key, value in overrides.items():
         data.setdefault(key, {}).update(value)
-    return AppConfig.model_validate(data)
+    return AppConfig.model_validate(data).replica()
 
 
 async def _run(core, prompt_ids, params):
-    tokens = []
-    async for chunk in core.generate(prompt_ids, params):
-        tokens += chunk["token_ids"]
+    tokens, _ = await _run_with_stats(core, prompt_ids, params)
     return tokens
+
+
+async def _run_with_stats(core, prompt_ids, params):
+    tokens, stats = [], None
+    async for chunk in core.generate(prompt_ids, params):
+        tokens += chunk.token_ids
+        stats = chunk.stats or stats
+    return tokens, stats
 
 
 def run_router(cfg, body):
@@ -122,9 +128,9 @@ def test_tensor_parallel_speculative_greedy_equals_plain_greedy(cluster, even_ti
 
     async def body(core):
         # All prompts at once: their blocks share batched verification passes.
-        outs = await asyncio.gather(*[_run(core, tokenizer.encode(p), PARAMS) for p in PROMPTS])
+        runs = await asyncio.gather(*[_run_with_stats(core, tokenizer.encode(p), PARAMS) for p in PROMPTS])
         held = await core.held_sequences()
-        return outs, held, core.pipelined_blocks
+        return [tokens for tokens, _ in runs], held, sum(stats["num_pipelined_drafts"] for _, stats in runs)
 
     outs, held, pipelined = run_router(cfg, body)
     for prompt, out in zip(PROMPTS, outs):
@@ -156,7 +162,7 @@ def test_a_dead_draft_worker_falls_back_to_plain_decoding_and_drafting_resumes(c
         killed = False
         tokens = []
         async for chunk in core.generate(tokenizer.encode(PROMPTS[1]), PARAMS):
-            tokens += chunk["token_ids"]
+            tokens += chunk.token_ids
             if not killed:
                 # SIGKILL the worker process mid-request: Ray restarts it (max_restarts=-1).
                 os.kill(pid, 9)
@@ -178,7 +184,7 @@ def test_a_dead_draft_worker_falls_back_to_plain_decoding_and_drafting_resumes(c
 
 def test_a_dead_target_rank_fails_its_requests_clearly_and_the_group_is_rebuilt(cluster, even_tiny_dir, reference,
                                                                                 tokenizer):
-    from actors.router import TargetFailed
+    from specserve.errors import TargetFailed
 
     cfg = app_config(even_tiny_dir)
 
@@ -204,3 +210,16 @@ def test_a_dead_target_rank_fails_its_requests_clearly_and_the_group_is_rebuilt(
     assert generation == 2
     assert later == reference[PROMPTS[2]]
     assert held["router"] == 0 and held["target_groups"] == [0]
+
+
+def test_requests_without_ids_spread_over_two_draft_workers(cluster, even_tiny_dir, reference, tokenizer):
+    cfg = app_config(even_tiny_dir, topology={"num_draft_workers": 2})
+
+    async def body(core):
+        outs = [await _run(core, tokenizer.encode(p), PARAMS) for p in PROMPTS[:4]]
+        infos = await asyncio.gather(*[w.info.remote() for w in core.workers])
+        return outs, [info["sequences_started"] for info in infos]
+
+    outs, started = run_router(cfg, body)
+    assert outs == [reference[p] for p in PROMPTS[:4]]
+    assert started == [2, 2]  # round robin: every request takes the next worker

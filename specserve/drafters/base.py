@@ -21,8 +21,12 @@ class DraftBlock:
     token_ids: list[int]  # [k'], k' <= k requested (a drafter may propose fewer, even none)
     probs: torch.Tensor | None = None  # [k', vocab] q for each token; None = deterministic proposal
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
+    def truncated(self, k: int) -> DraftBlock:
+        """The first ``k`` tokens with their q rows (a drafter may return more than was asked)."""
+        n = min(k, len(self.token_ids))
+        if n == len(self.token_ids) and (self.probs is None or len(self.probs) == n):
+            return self
+        return DraftBlock(self.token_ids[:n], self.probs[:n] if self.probs is not None else None)
 
 
 class Drafter:
