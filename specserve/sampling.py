@@ -18,11 +18,12 @@ arXiv 2302.01318). Temperature, top-k and top-p are applied identically to both 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from specserve.config import SamplingParams
+from specserve.tree import ROOT, DraftTree
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -121,3 +122,101 @@ def verify_block(
         # p == q up to rounding: rejection had probability ~0; p itself is the right distribution.
         residual = p[n]
     return Verdict(list(draft_tokens[:n]) + [sample(residual, generator)], n)
+
+
+@dataclass
+class TreeVerdict(Verdict):
+    """What verification of one draft tree decided: ``tokens`` and ``num_accepted`` as for a block,
+    plus the accepted path as node indices of the tree (``num_accepted`` of them)."""
+
+    path: list[int] = field(default_factory=list)
+
+
+def verify_tree(
+    target_logits: torch.Tensor,
+    tree: DraftTree,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> TreeVerdict:
+    """Accept one root-to-node path of ``tree`` and add one target token.
+
+    target_logits: [n + 1, vocab]: row 0 is the target's next-token logits after the root (the
+        newest committed token), row i + 1 after the path ending in node i.
+
+    Greedy: from the root, follow the child whose token is the target's argmax as long as one
+    exists; the argmax after the last accepted node is the recovered (or, at a leaf, bonus) token.
+
+    Sampling (multi-branch rejection sampling; SpecInfer arXiv 2305.09781, recursive rejection
+    sampling arXiv 2402.14160): at an accepted node with target distribution p the residual r starts
+    as p, and the children are tried in turn. A child x drawn from the proposal q_i is accepted with
+    probability min(1, r(x) / q_i(x)); on rejection r becomes norm(max(0, r - q_i)). Conditioned on
+    any history, each try returns exactly r, so the committed token is distributed as p. If every
+    child is rejected, the recovered token is drawn from the last residual; at a leaf the bonus
+    token from p.
+
+    * Deterministic tree (``tree.q`` None: top-k choices, n-gram matches, pruning): q_i is one-hot
+      at the child, so x is accepted with probability r(x) and rejection zeroes r(x). Children are
+      tried most probable first; any order is exact.
+    * Sampled tree: siblings are successive draws without replacement from ``q`` of their parent,
+      tried in node order; q_i is that q with the earlier siblings removed and renormalised.
+    """
+    n = len(tree)
+    assert target_logits.shape[0] == n + 1, (target_logits.shape, n)
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(tree.parents):
+        children.setdefault(parent, []).append(i)
+
+    if params.greedy:
+        target_argmax = target_logits.argmax(dim=-1).tolist()  # [n + 1]
+        path, node = [], ROOT
+        while True:
+            want = target_argmax[node + 1]
+            nxt = next((c for c in children.get(node, []) if tree.tokens[c] == want), None)
+            if nxt is None:
+                return TreeVerdict([tree.tokens[i] for i in path] + [want], len(path), path)
+            path.append(nxt)
+            node = nxt
+
+    assert generator is not None, "sampling needs a generator"
+    p = logits_to_probs(target_logits, params).cpu()  # [n + 1, vocab]
+    q_all = tree.q.float().cpu() if tree.q is not None else None  # [n + 1, vocab]
+    path, node = [], ROOT
+    while True:
+        kids = children.get(node, [])
+        if not kids:  # a leaf (or an empty tree): the bonus token
+            return TreeVerdict([tree.tokens[i] for i in path] + [sample(p[node + 1], generator)], len(path), path)
+        if q_all is None:
+            kids = sorted(kids, key=lambda c: -tree.probs[c])
+        residual = p[node + 1].double()  # [vocab]: r, starts as p
+        q = q_all[node + 1].double().clone() if q_all is not None else None  # [vocab]: q_i
+        accepted = None
+        for c in kids:
+            x = tree.tokens[c]
+            # float64 uniforms, as in verify_block: u must stay below 1 and tiny ratios keep precision.
+            u = float(torch.rand(1, dtype=torch.float64, generator=generator))
+            if q is None:
+                if u < float(residual[x]):
+                    accepted = c
+                    break
+                residual[x] = 0.0
+            else:
+                q_sum = q.sum()
+                q_i = q / q_sum if q_sum > 0 else q  # [vocab]: q without the earlier siblings
+                # A draw with q_i(x) = 0 cannot happen; guard the division anyway.
+                ratio = float(residual[x] / q_i[x]) if q_i[x] > 0 else float(residual[x] > 0)
+                if u < min(1.0, ratio):
+                    accepted = c
+                    break
+                residual = (residual - q_i).clamp_min(0.0)
+                q[x] = 0.0
+            total = residual.sum()
+            if total <= 0:
+                # r was (up to rounding) all on rejected children: that had probability ~0; p is right.
+                residual = p[node + 1].double()
+            else:
+                residual = residual / total
+        if accepted is None:
+            tokens = [tree.tokens[i] for i in path] + [sample(residual, generator)]
+            return TreeVerdict(tokens, len(path), path)
+        path.append(accepted)
+        node = accepted

@@ -17,7 +17,8 @@ from transformers import DynamicCache
 
 from specserve.config import SamplingParams
 from specserve.models import LoadedModel
-from specserve.sampling import Verdict, make_generator, verify_block
+from specserve.sampling import TreeVerdict, Verdict, make_generator, verify_block, verify_tree
+from specserve.tree import DraftTree, flatten
 
 
 @dataclass
@@ -38,6 +39,15 @@ class StepRequest:
     last_id: int
     draft_tokens: list[int]
     draft_probs: torch.Tensor | None = None  # [k, vocab] or None (deterministic draft)
+
+
+@dataclass
+class TreeStepRequest:
+    """One sequence's draft tree to verify."""
+
+    seq_id: str
+    last_id: int
+    tree: DraftTree
 
 
 @dataclass
@@ -130,6 +140,38 @@ class Verifier:
             results.append(self._accept(state, req, logits, out, i, elapsed / len(reqs), fed=len(x)))
         return results
 
+    @torch.inference_mode()
+    def step_tree(self, req: TreeStepRequest) -> StepResult:
+        """Verify one sequence's draft tree in one forward pass; the cache keeps only the accepted path.
+
+        The rows of the accepted path are moved in place to follow the newest token and the rest
+        is cropped: this copies ``num_accepted`` entries per layer, where re-feeding the path would
+        cost a second forward pass. The result's verdict is a :class:`TreeVerdict`.
+        """
+        t0 = time.perf_counter()
+        state = self.states[req.seq_id]
+        base = state.num_cached
+        ids, mask, positions = flatten(req.tree, req.last_id, base, self.target.dtype)
+        device = self.target.device
+        out = self.target.model(
+            input_ids=torch.tensor([ids], device=device),  # [1, n + 1]
+            attention_mask=mask.to(device),  # [1, 1, n + 1, base + n + 1]
+            position_ids=positions.to(device),  # [1, n + 1]
+            past_key_values=state.cache,
+            use_cache=True,
+            output_hidden_states=bool(self.hidden_layers),
+        )
+        logits = out.logits[0]  # [n + 1, vocab]
+        verdict: TreeVerdict = verify_tree(logits, req.tree, state.params, state.generator)
+        kept = [0] + [node + 1 for node in verdict.path]  # input indices: the root, then the accepted path
+        _keep_slots(state.cache, base, kept)
+        state.num_cached = base + len(kept)
+        hidden = None
+        if self.hidden_layers:
+            rows = torch.tensor(kept, device=device)
+            hidden = torch.cat([out.hidden_states[j + 1][0, rows] for j in self.hidden_layers], dim=-1)
+        return StepResult(verdict, hidden, time.perf_counter() - t0)
+
     def _forward(self, state: TargetState, inputs: list[int]):
         ids = torch.tensor([inputs], device=self.target.device)  # [1, m]
         out = self.target.model(
@@ -195,3 +237,15 @@ def _row_cache(cache: DynamicCache, row: int, start: int, end: int) -> DynamicCa
             for layer in cache.layers
         ]
     )
+
+
+def _keep_slots(cache: DynamicCache, base: int, kept: list[int]) -> None:
+    """Keep cache entries ``base + kept`` (ascending) right after the first ``base`` and drop the rest."""
+    if kept != list(range(len(kept))):
+        src = torch.tensor(kept, device=cache.layers[0].keys.device) + base  # [len(kept)]
+        for layer in cache.layers:  # keys/values: [1, kv_heads, base + n + 1, head_dim]
+            layer.keys[:, :, base : base + len(kept)] = layer.keys.index_select(2, src)
+            layer.values[:, :, base : base + len(kept)] = layer.values.index_select(2, src)
+    drop = cache.get_seq_length() - (base + len(kept))
+    if drop:
+        cache.crop(-drop)  # transformers 5.x: a negative count of entries to drop
