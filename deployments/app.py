@@ -18,6 +18,7 @@ from ray.serve import Application
 
 from actors.config import ReplicaConfig
 from cluster.local import pin_serve_grpc_to_loopback
+from deployments.auth import APIKeyAuth, protect
 from deployments.config import AppConfig
 from deployments.openai_api import (
     ChatCompletionRequest,
@@ -82,6 +83,8 @@ class SpecRouter:
 
 
 api = FastAPI(title="specserve", description="OpenAI-compatible speculative decoding server")
+# Every route below needs an API key when keys are configured (except /health); see deployments/auth.py.
+protect(api, lambda: serve.get_replica_context().servable_object.auth)
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -98,6 +101,8 @@ class OpenAIIngress:
         from actors.metrics import error_counter
 
         self.errors = error_counter(self.model_name)
+        self.auth = APIKeyAuth.load(self.config.serve.api_keys_file,
+                                    on_reject=lambda: self.errors.inc(1, tags={"status": "401"}))
 
     def _error(self, e: ErrorInfo) -> JSONResponse:
         self.errors.inc(1, tags={"status": str(e.status)})
