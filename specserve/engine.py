@@ -21,7 +21,8 @@ from specserve.sequence import Sequence
 from specserve.stats import SpecStats
 from specserve.step import decode, run_sync
 from specserve.strategy import make_strategy
-from specserve.target import StepRequest, StepResult, Verifier
+from specserve.target import StepRequest, StepResult, TreeStepRequest, Verifier
+from specserve.tree import DraftTree
 
 
 @dataclass
@@ -97,7 +98,9 @@ class LocalVerifier:
     async def prefill(self, seq: Sequence) -> torch.Tensor | None:
         return self.verifier.add(seq.seq_id, seq.prompt_ids, seq.params)
 
-    async def verify(self, seq: Sequence, block: DraftBlock) -> StepResult:
+    async def verify(self, seq: Sequence, block: DraftBlock | DraftTree) -> StepResult:
+        if isinstance(block, DraftTree):
+            return self.verifier.step_tree(TreeStepRequest(seq.seq_id, seq.last_id, block))
         return self.verifier.step(StepRequest(seq.seq_id, seq.last_id, block.token_ids, block.probs))
 
 

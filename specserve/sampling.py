@@ -186,7 +186,7 @@ def verify_tree(
         if not kids:  # a leaf (or an empty tree): the bonus token
             return TreeVerdict([tree.tokens[i] for i in path] + [sample(p[node + 1], generator)], len(path), path)
         if q_all is None:
-            kids = sorted(kids, key=lambda c: -tree.probs[c])
+            kids = sorted(kids, key=lambda c: -tree.node_probs[c])
         residual = p[node + 1].double()  # [vocab]: r, starts as p
         q = q_all[node + 1].double().clone() if q_all is not None else None  # [vocab]: q_i
         accepted = None

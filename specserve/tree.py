@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.config import TreeConfig
+from specserve.drafters.base import Drafter
+from specserve.errors import SpecServeError
 
 #: Parent index of the root's children.
 ROOT = -1
@@ -45,7 +47,7 @@ class DraftTree:
 
     tokens: list[int] = field(default_factory=list)  # [n] draft token of each node
     parents: list[int] = field(default_factory=list)  # [n] parent node index, ROOT for depth 1
-    probs: list[float] = field(default_factory=list)  # [n] drafter's q(token | parent's path)
+    node_probs: list[float] = field(default_factory=list)  # [n] drafter's q(token | parent's path)
     q: torch.Tensor | None = None  # [n + 1, vocab] or None (deterministic tree)
 
     def __len__(self) -> int:
@@ -68,9 +70,28 @@ class DraftTree:
     def path_probs(self) -> list[float]:
         """[n] product of the drafter's probabilities from the root to each node."""
         out: list[float] = []
-        for p, prob in zip(self.parents, self.probs):
+        for p, prob in zip(self.parents, self.node_probs):
             out.append(prob * (1.0 if p == ROOT else out[p]))
         return out
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The path the tree bets on as a whole: the most probable of its deepest paths.
+
+        Its length is the tree's depth, so the decode loop's room checks and per-depth statistics
+        treat a tree like a block of that length; a pipelining proposer assumes this path.
+        """
+        depths, path_probs = self.depths, self.path_probs
+        if not depths:
+            return []
+        deepest = max(range(len(self)), key=lambda i: (depths[i], path_probs[i], -i))
+        return [self.tokens[i] for i in self.path(deepest)]
+
+    def truncated(self, k: int) -> DraftTree:
+        """The nodes at most ``k`` deep (a drafter may return a deeper tree than was asked)."""
+        if self.depth <= k:
+            return self
+        return subtree(self, [i for i, d in enumerate(self.depths) if d <= k])
 
     def children(self, node: int) -> list[int]:
         """Indices of ``node``'s children in node order (``node`` = ROOT for the root's)."""
@@ -89,7 +110,7 @@ class DraftTree:
         assert parent == ROOT or 0 <= parent < len(self.tokens), parent
         self.tokens.append(int(token))
         self.parents.append(int(parent))
-        self.probs.append(float(prob))
+        self.node_probs.append(float(prob))
         return len(self.tokens) - 1
 
     def check(self) -> None:
@@ -130,7 +151,7 @@ def prune(tree: DraftTree, cfg: TreeConfig) -> DraftTree:
     for i, p in enumerate(tree.parents):
         ranked_children.setdefault(p, []).append(i)
     for kids in ranked_children.values():
-        kids.sort(key=lambda i: (-tree.probs[i], i))
+        kids.sort(key=lambda i: (-tree.node_probs[i], i))
         for i in kids[: cfg.branching]:
             allowed[i] = True
     candidates = []
@@ -153,7 +174,7 @@ def subtree(tree: DraftTree, keep: list[int]) -> DraftTree:
     for old in keep:
         parent = tree.parents[old]
         assert parent == ROOT or parent in index, "kept nodes must include their ancestors"
-        out.add(tree.tokens[old], ROOT if parent == ROOT else index[parent], tree.probs[old])
+        out.add(tree.tokens[old], ROOT if parent == ROOT else index[parent], tree.node_probs[old])
     if tree.q is not None:
         out.q = tree.q[[0] + [i + 1 for i in keep]]  # [len(keep) + 1, vocab]
     return out
@@ -181,7 +202,7 @@ def tree_from_paths(paths: list[list[int]], weights: list[float] | None = None) 
             parent = node
     total = sum(w for p, w in zip(paths, weights) if p)
     for i, p in enumerate(tree.parents):
-        tree.probs[i] = mass[i] / (total if p == ROOT else mass[p])
+        tree.node_probs[i] = mass[i] / (total if p == ROOT else mass[p])
     return tree
 
 
@@ -272,9 +293,9 @@ class AdaptiveTreeBudget:
 
     def budget(self, depth: int) -> TreeConfig:
         """The tree config for the next step, at most ``depth`` deep (adaptive k's choice)."""
-        depth = min(depth, self.cfg.max_depth)
-        return self.cfg.model_copy(update={"max_nodes": max(depth, min(self.max_nodes, self.cfg.max_nodes)),
-                                           "max_depth": max(depth, 1)})
+        depth = max(1, min(depth, self.cfg.max_depth))
+        nodes = min(self.cfg.max_nodes, max(self.max_nodes, depth))
+        return self.cfg.model_copy(update={"max_nodes": nodes, "max_depth": depth})
 
     def update(self, depth: int, num_accepted: int) -> None:
         """Learn from one verified tree ``depth`` deep that had ``num_accepted`` tokens accepted."""
@@ -285,3 +306,63 @@ class AdaptiveTreeBudget:
             self.max_nodes = max(depth, self.max_nodes // 2)
         elif self.ratio > self.high:
             self.max_nodes = min(self.cfg.max_nodes, self.max_nodes * 2)
+
+
+def check_budget(cfg: TreeConfig, max_context: int) -> None:
+    """Refuse a node budget the model's context cannot hold (every node takes a cache slot during verification)."""
+    if cfg.max_nodes >= max_context:
+        raise SpecServeError(
+            f"tree budget of {cfg.max_nodes} nodes does not fit the model's context of {max_context} tokens: "
+            f"pass fewer (at most {max_context // 4} leaves room for the text)",
+            param="drafter.tree.max_nodes",
+        )
+
+
+class TreeDrafter(Drafter):
+    """Any drafter, proposing draft trees instead of blocks.
+
+    ``propose(seq_id, token_ids, k)`` returns a :class:`DraftTree` at most k deep (a tree is a
+    kind of proposal: the decode loop treats it as a block as long as its deepest path, and the
+    verifier checks it with :meth:`specserve.target.Verifier.step_tree`). Drafters with a
+    ``propose_tree(seq_id, token_ids, budget)`` method build real trees; others give their block
+    as a chain. The node budget adapts per sequence (:class:`AdaptiveTreeBudget`).
+    """
+
+    def __init__(self, inner: Drafter, cfg: TreeConfig):
+        self.inner = inner
+        self.cfg = cfg
+        self.name = inner.name
+        self.draft_cost_per_token = inner.draft_cost_per_token
+        self.target_layers = inner.target_layers
+        self.budgets: dict[str, AdaptiveTreeBudget] = {}
+        self.last: dict[str, tuple[int, int]] = {}  # seq_id -> (committed length, depth) of the last tree
+        self.num_nodes = 0  # nodes proposed over all sequences (benchmarks read it)
+
+    def start(self, seq_id, prompt_ids, params, target_hidden=None) -> None:
+        self.budgets[seq_id] = AdaptiveTreeBudget(self.cfg)
+        self.inner.start(seq_id, prompt_ids, params, target_hidden)
+
+    def propose(self, seq_id: str, token_ids: list[int], k: int) -> DraftTree:  # type: ignore[override]
+        """A draft tree at most ``k`` deep within this sequence's current budget."""
+        budget = self.budgets[seq_id].budget(k)
+        propose_tree = getattr(self.inner, "propose_tree", None)
+        if propose_tree is not None:
+            tree = propose_tree(seq_id, token_ids, budget)
+        else:
+            block = self.inner.propose(seq_id, token_ids, k)
+            tree = DraftTree.chain(block.token_ids[:k], block.probs[:k] if block.probs is not None else None)
+        self.last[seq_id] = (len(token_ids), tree.depth)
+        self.num_nodes += len(tree)
+        return tree
+
+    def commit(self, seq_id, token_ids, target_hidden=None) -> None:
+        last = self.last.pop(seq_id, None)
+        if last is not None and seq_id in self.budgets:
+            length, depth = last
+            self.budgets[seq_id].update(depth, max(0, len(token_ids) - length - 1))
+        self.inner.commit(seq_id, token_ids, target_hidden)
+
+    def finish(self, seq_id: str) -> None:
+        self.budgets.pop(seq_id, None)
+        self.last.pop(seq_id, None)
+        self.inner.finish(seq_id)

@@ -91,7 +91,7 @@ def reference_verify_tree(p: list[list[float]], tree: DraftTree, uniforms, final
         if not kids:
             return accepted + [pick(p[node + 1])]
         if tree.q is None:
-            kids.sort(key=lambda i: -tree.probs[i])
+            kids.sort(key=lambda i: -tree.node_probs[i])
         r = list(p[node + 1])
         q = tree.q[node + 1].double().tolist() if tree.q is not None else None
         for c in kids:
