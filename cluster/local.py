@@ -64,6 +64,8 @@ def init_local_ray(num_cpus: float | None = None, resources: dict[str, float] | 
     if ray.is_initialized():
         return ray
     ray.init(
+        # A new Ray of our own, even when another one runs on this machine (ray.init would join it).
+        address="local",
         _node_ip_address=LOOPBACK,
         num_cpus=num_cpus,
         resources=resources,
