@@ -20,8 +20,8 @@ from specserve.drafters.base import DraftBlock
 class DraftWorker:
     """Proposes draft blocks; keeps and rolls back per-sequence drafter state."""
 
-    def __init__(self, model_cfg: dict, drafter_cfg: dict, num_threads: int = 1):
-        torch.set_num_threads(num_threads)
+    def __init__(self, model_cfg: dict, drafter_cfg: dict, num_threads: int | None = None):
+        torch.set_num_threads(num_threads or 1)  # drafting stays cheap beside the target unless told otherwise
         self.drafter_cfg = DrafterConfig.model_validate(drafter_cfg)
         target = None
         if self.drafter_cfg.kind in ("draft_model", "block"):
@@ -57,3 +57,22 @@ class DraftWorker:
     def num_sequences(self) -> int:
         """Sequences with drafter state held here (0 when nothing leaks)."""
         return len(getattr(self.drafter, "states", {}))
+
+    def propose_batch(self, histories: list[list[int]], k: int | list[int]) -> list[list[int]]:
+        """Greedy drafts of up to ``k`` tokens after each token history, in one call.
+
+        For callers without sequence ids (vLLM's proposer hook): drafter state is found by
+        token history (see ``specserve.drafters.history``).
+        """
+        return self._by_history().propose_batch(histories, k)
+
+    def history_states(self) -> int:
+        """Drafter states held for ``propose_batch`` callers (bounded by eviction)."""
+        return len(self._by_history())
+
+    def _by_history(self):
+        from specserve.drafters.history import HistoryDrafter
+
+        if getattr(self, "_history", None) is None:
+            self._history = HistoryDrafter(self.drafter)
+        return self._history
