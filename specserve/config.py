@@ -52,6 +52,70 @@ class ModelConfig(StrictModel):
     num_threads: int | None = Field(
         None, ge=1, le=1024, description="torch intra-op threads for this process; None keeps torch's default."
     )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Target engine: 'hf' (transformers; the exactness reference, serves drafters that need "
+        "the target's hidden states, token trees) or 'vllm' (a vLLM engine per target group: paged KV "
+        "cache, continuous batching, prefix caching; drafts from our draft workers or vLLM's own methods). "
+        "CLI: --engine.",
+    )
+    vllm: VllmEngineConfig = Field(
+        default_factory=lambda: VllmEngineConfig(),
+        description="Settings of the vLLM engine (used when engine is 'vllm'). A dict or a VllmEngineConfig.",
+    )
+
+
+#: vLLM's own speculative methods that run colocated in its engine ('remote': our draft workers).
+VLLM_METHODS: tuple[str, ...] = ("remote", "ngram", "suffix", "draft_model", "eagle3", "dflash")
+#: Of those, the ones that load a draft model from ``drafter.path``.
+VLLM_METHODS_WITH_MODEL: tuple[str, ...] = ("draft_model", "eagle3", "dflash")
+
+
+class VllmEngineConfig(StrictModel):
+    """How a target group runs as a vLLM engine (model.engine = 'vllm')."""
+
+    kv_cache_gb: float = Field(
+        2.0, gt=0, le=4096,
+        description="KV cache size in GiB per engine (VLLM_CPU_KVCACHE_SPACE on the CPU).",
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1.0, description="Share of GPU memory the engine may use (GPUs only).",
+    )
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences the engine batches at once.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
+    enforce_eager: bool = Field(
+        False, description="Skip torch.compile and graph capture: starts faster, decodes slower.",
+    )
+    k_per_batch_size: list[tuple[int, int, int]] | None = Field(
+        default_factory=lambda: [(1, 2, 6), (3, 8, 4), (9, 4096, 3)],
+        description="Load-aware k: [(lo, hi, k), ...] caps the draft length while the running batch size is "
+        "in [lo, hi] (vLLM's num_speculative_tokens_per_batch_size; k 0 = plain decoding there). Ranges "
+        "start at 1, sorted, without overlap. None: always the drafter's k.",
+    )
+    draft_deadline_ms: float = Field(
+        200.0, gt=0, le=60000,
+        description="Remote drafting: longest wait for a draft worker per step; late or failed drafts give "
+        "an empty proposal (plain decoding for that step).",
+    )
+    pipelining: bool | None = Field(
+        None,
+        description="Remote drafting: draft step t+1 while vLLM verifies step t, assuming full acceptance. "
+        "None: only for drafters with a cost (draft models), not for free n-gram lookup.",
+    )
+
+    @field_validator("k_per_batch_size")
+    @classmethod
+    def _schedule(cls, v: list[tuple[int, int, int]] | None) -> list[tuple[int, int, int]] | None:
+        if v is None:
+            return v
+        if not v or v[0][0] != 1:
+            raise ValueError("the first range must start at batch size 1")
+        prev_hi = 0
+        for lo, hi, k in v:
+            if lo <= prev_hi or lo > hi or k < 0:
+                raise ValueError(f"range ({lo}, {hi}, {k}): ranges must be sorted, lo <= hi, not overlap, k >= 0")
+            prev_hi = hi
+        return v
 
 
 class TreeConfig(StrictModel):
@@ -122,6 +186,12 @@ class DrafterConfig(StrictModel):
         default_factory=TreeConfig,
         description="Token-tree speculation (max_nodes 0 = chain). A dict or a TreeConfig.",
     )
+    vllm_method: Literal["remote", "ngram", "suffix", "draft_model", "eagle3", "dflash"] = Field(
+        "remote",
+        description="With model.engine 'vllm': 'remote' drafts with this drafter on specserve draft workers "
+        "(Ray actors) through vLLM's proposer hook; 'ngram', 'suffix', 'draft_model', 'eagle3', 'dflash' "
+        "use vLLM's own method colocated in the engine (the last three load 'path'). Ignored by engine 'hf'.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DrafterConfig:
@@ -129,6 +199,8 @@ class DrafterConfig(StrictModel):
             raise ValueError("drafter 'draft_model' needs a path: pass --drafter draft_model:PATH")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})")
+        if self.vllm_method in VLLM_METHODS_WITH_MODEL and not self.path:
+            raise ValueError(f"vllm_method {self.vllm_method!r} needs a draft model directory in 'path'")
         return self
 
     def spec(self) -> str:
@@ -178,6 +250,21 @@ class EngineConfig(StrictModel):
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="The target model.")
     drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="The drafter.")
+
+
+def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
+    """Refuse a drafter the chosen engine cannot run, naming the field (SpecServeError)."""
+    if model.engine == "hf" and drafter.vllm_method != "remote":
+        raise SpecServeError(f"drafter.vllm_method {drafter.vllm_method!r} needs model.engine 'vllm' "
+                             "(engine 'hf' drafts with drafter.kind)", param="drafter.vllm_method")
+    if model.engine != "vllm" or drafter.vllm_method != "remote":
+        return
+    if drafter.kind == "block":
+        raise SpecServeError("drafter.kind 'block' needs the target's hidden states, which vLLM's proposer hook "
+                             "does not pass: use engine 'hf', or kind ngram / draft_model", param="drafter.kind")
+    if drafter.tree.max_nodes > 0:
+        raise SpecServeError("drafter.tree: token trees run on engine 'hf' only; set tree.max_nodes to 0",
+                             param="drafter.tree.max_nodes")
 
 
 def parse_drafter(spec: str, **overrides: object) -> DrafterConfig:
