@@ -6,7 +6,7 @@ STAMP := $(VENV)/.specserve-installed
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: no Ray cluster, no real model, no vLLM engine (a few minutes instead of the whole suite).
+test-fast: setup
+	$(PY) -m pytest -m "not ray and not real_model and not vllm" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check specserve actors deployments cluster tests scripts

@@ -39,7 +39,7 @@ from specserve.models import ModelInfo
 from specserve.outputs import StreamChunk, Usage
 from specserve.sequence import Sequence, stream_holdback
 from specserve.step import decode
-from specserve.strategy import KStrategy, make_strategy
+from specserve.strategy import KStrategy, VerifyCost, make_strategy
 from specserve.target import StepRequest, StepResult
 
 log = logging.getLogger("specserve.router")
@@ -57,8 +57,9 @@ class _Pending:
 class _Batcher:
     """Collects verification requests for one target group and runs them as batched passes."""
 
-    def __init__(self, group: TargetGroup, max_batch: int, on_failure):
+    def __init__(self, group: TargetGroup, max_batch: int, on_failure, cost: VerifyCost):
         self.group = group
+        self.cost = cost
         self.max_batch = max_batch
         self.queue: list[_Pending] = []
         self.wakeup = asyncio.Event()
@@ -79,6 +80,7 @@ class _Batcher:
                 # Let sequences whose drafts just arrived join this pass.
                 await asyncio.sleep(0)
                 batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
+                t0 = time.perf_counter()
                 try:
                     results = await self.group.step_batch([p.req for p in batch])
                 except RayError as e:
@@ -88,6 +90,7 @@ class _Batcher:
                     if isinstance(e, RayActorError):  # a rank died: the process group is broken
                         await self.on_failure(self.group)
                     continue
+                self.cost.observe(sum(1 + len(p.req.draft_tokens) for p in batch), time.perf_counter() - t0)
                 for p, r in zip(batch, results):
                     if not p.future.done():
                         p.future.set_result(r)
@@ -264,7 +267,7 @@ class RouterCore:
         await asyncio.gather(*[g.build() for g in self.groups])
         for g in self.groups:
             self.batchers[g.index] = _Batcher(g, cfg.router.max_batch_size if cfg.router.batching else 1,
-                                              self.group_failed)
+                                              self.group_failed, VerifyCost(cfg.drafter.verify_cost_per_token))
 
     # ----------------------------------------------------------------------------------------- API
 
@@ -293,7 +296,8 @@ class RouterCore:
         worker_index = next(self._worker_turns) % len(self.workers) if self.workers else None
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
         req = _Request(seq, group, worker_index, t_arrival,
-                       make_strategy(self.config.drafter, self.worker_info.get("draft_cost_per_token", 0.0)))
+                       make_strategy(self.config.drafter, self.worker_info.get("draft_cost_per_token", 0.0),
+                                     self._load_aware_cost(group), speculative=params.speculative))
         self.requests[seq_id] = req
         self.metrics.set_queue(len(self.requests), self.num_waiting)
         self.metrics.prompt_tokens(len(prompt_ids))
@@ -302,6 +306,16 @@ class RouterCore:
                 yield chunk
         finally:
             self._release(req)
+
+    def _load_aware_cost(self, group: TargetGroup):
+        """Verification cost per draft token on ``group`` at its current batch size (read every step)."""
+        cost, max_batch = self.batchers[group.index].cost, self.batchers[group.index].max_batch
+
+        def per_token() -> float:
+            running = sum(r.group is group for r in self.requests.values())
+            return cost.per_token(min(running, max_batch))
+
+        return per_token
 
     def status(self) -> dict:
         """Live counts, for health checks and leak tests."""

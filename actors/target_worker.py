@@ -19,7 +19,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ActorResources, TopologyConfig
-from cluster.placement import actor_options, tp_bundles
+from cluster.placement import actor_options, torch_threads, tp_bundles
 from specserve.config import ModelConfig, SamplingParams
 from specserve.target import StepRequest, StepResult, Verifier
 
@@ -29,8 +29,8 @@ class TargetRank:
     """One rank of a tensor-parallel target group, hosting the core Verifier."""
 
     def __init__(self, rank: int, world_size: int, master: str, model_cfg: dict, hidden_layers: list[int],
-                 backend: str, num_threads: int = 1):
-        torch.set_num_threads(num_threads)
+                 backend: str, num_threads: int | None = None):
+        torch.set_num_threads(torch_threads(num_threads, sharers=world_size))
         self.rank, self.world_size = rank, world_size
         cfg = ModelConfig.model_validate(model_cfg)
         kwargs: dict = {}
@@ -47,7 +47,7 @@ class TargetRank:
     def info(self) -> dict:
         """Where this rank runs."""
         return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "max_context": self.verifier.target.max_context}
+                "num_threads": torch.get_num_threads()}
 
     def add(self, seq_id: str, prompt_ids: list[int], params: dict) -> torch.Tensor | None:
         """Prefill a new sequence; rank 0 returns the prompt's hidden features if the drafter needs them."""

@@ -22,7 +22,12 @@ class ActorResources(StrictModel):
         description="Custom resources to require, e.g. {'draft_node': 0.01} to pin to nodes started "
         "with that resource.",
     )
-    num_threads: int = Field(1, ge=1, le=1024, description="torch threads this actor may use on CPU.")
+    num_threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="torch threads this actor uses on CPU. None: derived where the actor starts (target ranks: "
+        "the node's CPUs shared among the ranks of one group; draft workers: 1, since drafting should stay "
+        "cheap beside the target). An explicit value wins.",
+    )
 
 
 class TopologyConfig(StrictModel):
@@ -35,7 +40,7 @@ class TopologyConfig(StrictModel):
         default_factory=ActorResources, description="Resources of each draft worker."
     )
     target_rank: ActorResources = Field(
-        default_factory=lambda: ActorResources(num_cpus=0.5, num_threads=1),
+        default_factory=lambda: ActorResources(num_cpus=0.5),
         description="Resources of each target rank.",
     )
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(

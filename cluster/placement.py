@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from cluster.config import ActorResources
 
 
@@ -30,3 +32,22 @@ def bundle(res: ActorResources) -> dict[str, float]:
 def tp_bundles(res: ActorResources, tp: int) -> list[dict[str, float]]:
     """Bundles of one tensor-parallel group: one per rank."""
     return [bundle(res) for _ in range(tp)]
+
+
+def node_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads(explicit: int | None, sharers: int, cpus: int | None = None) -> int:
+    """Threads for an actor: ``explicit`` if set, else the node's CPUs split among ``sharers`` actors.
+
+    ``sharers`` is how many compute-heavy actors of the same kind share the node (the ranks of a
+    STRICT_PACK tensor-parallel group); more threads than free cores collapses OpenMP throughput.
+    """
+    if explicit is not None:
+        return explicit
+    return max(1, (cpus if cpus is not None else node_cpus()) // max(1, sharers))

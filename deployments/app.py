@@ -139,7 +139,7 @@ class OpenAIIngress:
             if req.model != self.model_name:
                 raise SpecServeError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                      "model", status=404, code="model_not_found")
-            params = req.sampling(self.config.serve.default_max_tokens)
+            params = req.sampling(self.config.serve.default_max_tokens, self.config.serve.speculative)
             prompt_ids = self._prompt_ids(req, kind)
             self.info.check_fits(len(prompt_ids), params.max_tokens, "messages" if kind == "chat" else "prompt")
         except SpecServeError as e:

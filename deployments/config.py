@@ -56,6 +56,10 @@ class ServeConfig(StrictModel):
         None, ge=16, description="Context limit (prompt + max_tokens); None: the model's own."
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    speculative: bool = Field(
+        True, description="Default of the per-request 'speculative' extension: false makes requests that do not "
+        "say otherwise decode plainly.",
+    )
     api_keys_file: Path | None = Field(
         None,
         description="File of accepted API keys (one per line or comma-separated), read once when the ingress "

@@ -39,11 +39,15 @@ class _Common(BaseModel):
     stream: bool = Field(False, description="Stream server-sent events.")
     stream_options: dict | None = Field(None, description="{'include_usage': bool}.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past EOS.")
+    speculative: bool | None = Field(
+        None, description="Extension: false decodes this request plainly (no drafting); None: the server's "
+        "default (serve.speculative).",
+    )
     presence_penalty: float = Field(0.0, description="Not supported beyond 0.")
     frequency_penalty: float = Field(0.0, description="Not supported beyond 0.")
     logprobs: Any = Field(None, description="Not supported.")
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
+    def sampling(self, default_max_tokens: int, default_speculative: bool = True) -> SamplingParams:
         """Validated core sampling parameters; errors name the OpenAI field."""
         if self.n != 1:
             raise SpecServeError(f"n must be 1 (got {self.n}): one choice per request is supported", "n")
@@ -54,7 +58,8 @@ class _Common(BaseModel):
             raise SpecServeError("logprobs are not supported", "logprobs")
         data = {"max_tokens": self.max_tokens if self.max_tokens is not None else default_max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop": self.stop, "ignore_eos": self.ignore_eos}
+                "stop": self.stop, "ignore_eos": self.ignore_eos,
+                "speculative": default_speculative if self.speculative is None else self.speculative}
         try:
             return SamplingParams.model_validate(data)
         except ValidationError as e:
@@ -101,10 +106,10 @@ class ChatCompletionRequest(_Common):
             raise ValueError("messages must contain at least one message")
         return v
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
+    def sampling(self, default_max_tokens: int, default_speculative: bool = True) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        return super().sampling(default_max_tokens)
+        return super().sampling(default_max_tokens, default_speculative)
 
 
 def parse(model_cls: type[_Common], body: bytes) -> _Common:

@@ -220,6 +220,10 @@ class SamplingParams(StrictModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Per-request seed for reproducible sampling.")
     stop: list[str] = Field(default_factory=list, description="Stop strings; the output ends before the first.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+    speculative: bool = Field(
+        True, description="Use speculative decoding for this request; False decodes plainly (the output is the "
+        "same either way: greedy token for token, sampled in distribution).",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -140,7 +140,8 @@ class SpecEngine:
         info.check_fits(len(prompt_ids))
         seq = Sequence(prompt_ids, params, self.target.tokenizer, info.eos_token_ids)
         proposer = LocalProposer(self.drafter)
-        strategy = make_strategy(self.drafter_cfg, self.drafter.draft_cost_per_token)
+        strategy = make_strategy(self.drafter_cfg, self.drafter.draft_cost_per_token,
+                                 speculative=params.speculative)
         steps = decode(seq, proposer, LocalVerifier(self.verifier), strategy, info.max_context)
         try:
             while True:

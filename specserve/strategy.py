@@ -6,9 +6,17 @@ a block of k yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens on average and co
 tokens per cost; when that is k = 0 (drafting does not pay) it decodes plainly and
 probes with a small block every ``probe_every`` steps so that a request whose text turns
 predictable (code being rewritten, a list being repeated) gets drafting back.
+
+Under load the verification cost of a draft token grows: a pass over B sequences costs
+``a + b * tokens``, so one more draft token per sequence costs ``b * B / (a + b * B)`` of a
+plain batched step, not ``b / (a + b)``. :class:`VerifyCost` fits ``a`` and ``b`` from the
+passes a target group actually runs and gives that cost for the running batch size, so k
+shrinks (to 0 when drafting does not pay) as the batch grows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from specserve.config import DrafterConfig
 
@@ -34,13 +42,55 @@ class FixedK(KStrategy):
         return self.k
 
 
-class AdaptiveK(KStrategy):
-    """Pick k from an exponentially weighted acceptance estimate and a cost model."""
+class VerifyCost:
+    """Measured cost of verification passes, ``seconds = a + b * tokens``, fitted online.
 
-    def __init__(self, k_max: int, cost_per_token: float, *, decay: float = 0.9, probe_every: int = 8,
-                 prior_alpha: float = 0.6):
+    ``prior`` is the extra cost of one draft token at batch 1 as a fraction of a step (the
+    config's ``verify_cost_per_token``); it holds until passes of enough different sizes
+    were seen. Old passes fade with ``decay`` so the fit follows a changing machine.
+    """
+
+    def __init__(self, prior: float, *, decay: float = 0.99, min_passes: int = 16):
+        self.prior_ratio = prior / max(1e-6, 1.0 - prior)  # b / a implied by the prior
+        self.decay = decay
+        self.min_passes = min_passes
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.passes = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One verification pass over ``tokens`` input tokens (all sequences of the batch) took ``seconds``."""
+        d = self.decay
+        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + tokens, d * self.sy + seconds
+        self.sxx, self.sxy = d * self.sxx + tokens * tokens, d * self.sxy + tokens * seconds
+        self.passes += 1
+
+    def ratio(self) -> float:
+        """b / a: what one more token costs relative to a pass's fixed part."""
+        if self.passes >= self.min_passes:
+            var = self.sxx / self.n - (self.sx / self.n) ** 2
+            if var > 1.0:  # passes of different sizes were seen: the slope is measurable
+                b = (self.sxy / self.n - self.sx / self.n * self.sy / self.n) / var
+                a = self.sy / self.n - b * self.sx / self.n
+                if b > 0 and a > 0:
+                    return b / a
+        return self.prior_ratio
+
+    def per_token(self, batch_size: int) -> float:
+        """Cost of one more draft token per sequence, as a fraction of a plain step at this batch size."""
+        r = self.ratio() * max(1, batch_size)
+        return r / (1.0 + r)
+
+
+class AdaptiveK(KStrategy):
+    """Pick k from an exponentially weighted acceptance estimate and a cost model.
+
+    ``cost_per_token`` is a number, or a function read before every step (the load-aware cost).
+    """
+
+    def __init__(self, k_max: int, cost_per_token: float | Callable[[], float], *, decay: float = 0.9,
+                 probe_every: int = 8, prior_alpha: float = 0.6):
         self.k_max = k_max
-        self.cost_per_token = cost_per_token
+        self.cost = cost_per_token if callable(cost_per_token) else (lambda: cost_per_token)
         self.decay = decay
         self.probe_every = probe_every
         # Pseudo-counts: the prior behaves like a few observed tokens, so one bad block does not
@@ -57,9 +107,10 @@ class AdaptiveK(KStrategy):
     def best_k(self) -> int:
         """The k in [0, k_max] with the most expected tokens per unit of cost."""
         a = min(self.alpha, 0.999)
+        cost = self.cost()
         best, best_rate = 0, 1.0
         for k in range(1, self.k_max + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / (1 + self.cost_per_token * k)
+            rate = (1 - a ** (k + 1)) / (1 - a) / (1 + cost * k)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
@@ -80,11 +131,18 @@ class AdaptiveK(KStrategy):
         self.rejected = self.decay * self.rejected + rejected
 
 
-def make_strategy(cfg: DrafterConfig, draft_cost_per_token: float) -> KStrategy:
-    """The strategy a request uses, from the drafter config and the drafter's own cost estimate."""
-    if cfg.num_speculative_tokens == 0 or cfg.kind == "none":
+def make_strategy(cfg: DrafterConfig, draft_cost_per_token: float,
+                  verify_cost: Callable[[], float] | None = None, *, speculative: bool = True) -> KStrategy:
+    """The strategy a request uses, from the drafter config and the drafter's own cost estimate.
+
+    ``verify_cost``: the load-aware verification cost per draft token (default: the config's
+    batch-1 figure). ``speculative=False`` (a request that turned speculation off) decodes plainly.
+    """
+    if not speculative or cfg.num_speculative_tokens == 0 or cfg.kind == "none":
         return FixedK(0)
     if not cfg.adaptive_k:
         return FixedK(cfg.num_speculative_tokens)
     c_draft = cfg.draft_cost_per_token if cfg.draft_cost_per_token is not None else draft_cost_per_token
-    return AdaptiveK(cfg.num_speculative_tokens, cfg.verify_cost_per_token + c_draft)
+    if verify_cost is None:
+        return AdaptiveK(cfg.num_speculative_tokens, cfg.verify_cost_per_token + c_draft)
+    return AdaptiveK(cfg.num_speculative_tokens, lambda: verify_cost() + c_draft)

@@ -53,6 +53,23 @@ def real_target(default_dir):
     return load_model(ModelConfig(dtype="fp32"))
 
 
+#: Fixtures that start a Ray cluster, load the real model or start a vLLM engine; tests using them get the
+#: matching marker automatically, so ``make test-fast`` (-m "not ray and not real_model and not vllm") skips them.
+MARKING_FIXTURES = {"cluster": "ray", "ray_cluster": "ray", "ray_serve": "ray",
+                    "real_target": "real_model"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: starts a vLLM engine (slow start, needs vllm installed)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in MARKING_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
 _exit_status: int | None = None
 
 

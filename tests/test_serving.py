@@ -158,6 +158,17 @@ def test_greedy_completion_over_http_equals_plain_greedy(client, tiny_target):
     assert stats["num_drafts"] >= 1 and stats["mean_accepted_length"] >= 1.0
 
 
+def test_a_request_can_turn_speculation_off_and_gets_the_same_greedy_output(client, tiny_app, tiny_target):
+    prompt = "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4,"
+    resp = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True, "speculative": False})
+    assert resp.choices[0].text == reference_text(tiny_target, prompt, 20)
+    assert resp.model_extra["spec_decode"]["num_drafts"] == 0
+    bad = httpx.post(tiny_app + "/v1/completions",
+                     json={"model": "tiny", "prompt": "hi", "speculative": "sometimes"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+
+
 def test_streaming_chat_with_the_official_client(client):
     stream = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Say hello"}], max_tokens=12, temperature=0,

@@ -3,7 +3,7 @@
 import pytest
 
 from specserve.config import DrafterConfig
-from specserve.strategy import AdaptiveK, FixedK, make_strategy
+from specserve.strategy import AdaptiveK, FixedK, VerifyCost, make_strategy
 
 
 def feed(strategy: AdaptiveK, num_draft: int, num_accepted: int, times: int) -> None:
@@ -61,3 +61,38 @@ def test_make_strategy_follows_the_config(cfg, expected):
         assert s.next_k() == 0
     elif not cfg.adaptive_k:
         assert s.next_k() == cfg.num_speculative_tokens
+
+
+def test_verify_cost_holds_the_prior_until_passes_of_several_sizes_were_seen():
+    cost = VerifyCost(prior=0.03)
+    assert cost.per_token(1) == pytest.approx(0.03)
+    for _ in range(40):
+        cost.observe(1, 0.020)  # one size only: the slope is not measurable
+    assert cost.per_token(1) == pytest.approx(0.03)
+
+
+def test_verify_cost_fits_measured_passes_and_grows_with_the_batch():
+    cost = VerifyCost(prior=0.03)
+    a, b = 0.020, 0.002  # seconds = a + b * tokens: one more token costs b / (a + b) = 9% at batch 1
+    for tokens in [1, 5, 9, 17, 33, 65] * 10:
+        cost.observe(tokens, a + b * tokens)
+    assert cost.per_token(1) == pytest.approx(b / (a + b), rel=1e-3)
+    assert cost.per_token(16) == pytest.approx(16 * b / (a + 16 * b), rel=1e-3)
+
+
+def test_load_aware_k_shrinks_to_plain_decoding_as_the_batch_grows():
+    cost = VerifyCost(prior=0.03)
+    for tokens in [1, 5, 9, 17, 33, 65] * 10:
+        cost.observe(tokens, 0.020 + 0.002 * tokens)
+    batch = {"size": 1}
+    s = make_strategy(DrafterConfig(kind="ngram", num_speculative_tokens=8), 0.0,
+                      lambda: cost.per_token(batch["size"]))
+    feed(s, 4, 2, 20)  # moderate acceptance
+    k_alone = s.best_k()
+    batch["size"] = 64
+    assert 0 < k_alone and s.best_k() == 0
+
+
+def test_a_request_can_turn_speculation_off():
+    s = make_strategy(DrafterConfig(kind="ngram"), 0.0, speculative=False)
+    assert isinstance(s, FixedK) and s.next_k() == 0

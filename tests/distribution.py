@@ -1,0 +1,46 @@
+"""Helpers of the distribution tests: exact target probabilities of short continuations, chi-square."""
+
+from __future__ import annotations
+
+import torch
+
+from specserve.config import SamplingParams
+from specserve.sampling import logits_to_probs
+
+
+def two_token_distribution(target, prompt_ids: list[int], params: SamplingParams) -> dict[tuple[int, int], float]:
+    """Exact P(t1, t2) of every 2-token continuation under the target with ``params`` applied."""
+    with torch.inference_mode():
+        p1 = logits_to_probs(target.model(torch.tensor([prompt_ids])).logits[0, -1:], params)[0]  # [vocab]
+        out = {}
+        for t1 in torch.nonzero(p1).flatten().tolist():
+            p2 = logits_to_probs(target.model(torch.tensor([prompt_ids + [t1]])).logits[0, -1:], params)[0]
+            for t2 in torch.nonzero(p2).flatten().tolist():
+                out[(t1, t2)] = float(p1[t1] * p2[t2])
+    return out
+
+
+def chi_square_p_value(counts: dict, expected: dict[tuple, float], n: int) -> float:
+    """Pearson's test of observed counts against probabilities; cells expecting < 5 draws are pooled.
+
+    Fails outright if an outcome the target cannot produce occurred.
+    """
+    impossible = set(counts) - set(expected)
+    assert not impossible, f"outcomes with zero target probability occurred: {sorted(impossible)[:5]}"
+    cells = [(counts.get(o, 0), n * p) for o, p in expected.items() if n * p >= 5]
+    small = [(counts.get(o, 0), n * p) for o, p in expected.items() if n * p < 5]
+    if small:
+        cells.append((sum(c for c, _ in small), sum(e for _, e in small)))
+    stat = sum((c - e) ** 2 / e for c, e in cells)
+    dof = len(cells) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def shifted(expected: dict[tuple, float], mass: float) -> dict[tuple, float]:
+    """``expected`` with ``mass`` moved from the likeliest outcome to the second: a bias the test must see."""
+    top, second = sorted(expected, key=expected.get, reverse=True)[:2]
+    out = dict(expected)
+    out[top] -= mass
+    out[second] += mass
+    return out
