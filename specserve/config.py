@@ -267,7 +267,7 @@ def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
         raise SpecServeError("drafter.kind 'block' needs the target's hidden states, which vLLM's proposer hook "
                              "does not pass: use engine 'hf', or kind ngram / draft_model", param="drafter.kind")
     if drafter.tree.max_nodes > 0:
-        raise SpecServeError("drafter.tree: token trees run on engine 'hf' only; set tree.max_nodes to 0",
+        raise SpecServeError("drafter.tree.max_nodes: token trees run on engine 'hf' only; set it to 0",
                              param="drafter.tree.max_nodes")
 
 

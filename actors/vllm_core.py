@@ -1,0 +1,333 @@
+"""The vLLM core: a model replica whose target groups are vLLM async engines.
+
+Same interface as ``actors.router.RouterCore`` (``start``, ``generate``, ``status``,
+``held_sequences``, ``placement``, ``healthy``, ``shutdown``), so the Serve app picks one
+or the other from ``model.engine``. Each target group is one vLLM ``AsyncLLM``: paged KV
+cache, continuous batching, prefix caching and vLLM's rejection sampler; tensor
+parallelism comes from vLLM's own executor (its multiprocessing executor on the CPU, its
+Ray executor for GPU groups). Drafting is either
+
+- remote (``drafter.vllm_method = "remote"``): specserve draft workers (Ray actors, placed
+  by the topology) behind vLLM's ``custom_class`` proposer hook, see
+  ``actors.vllm_proposer``; or
+- one of vLLM's own methods colocated in the engine (``ngram``, ``suffix``,
+  ``draft_model``, ``eagle3``, ``dflash``).
+
+Stop conditions stay ours: vLLM's tokens go through ``Sequence.commit`` (max tokens, EOS,
+stop strings), and a request whose sequence finished is aborted in vLLM. Per-request
+``spec_decode`` statistics come from vLLM's detailed per-request speculative metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import RayError
+
+from actors.config import ReplicaConfig
+from actors.draft_worker import DraftWorker
+from actors.metrics import RouterMetrics
+from actors.vllm_proposer import CONFIG_KEY
+from cluster.placement import actor_options
+from specserve.config import SamplingParams, check_engine_fits
+from specserve.errors import Saturated, SpecServeError, TargetFailed
+from specserve.models import ModelInfo, resolve_dtype
+from specserve.outputs import StreamChunk, Usage
+from specserve.sequence import Sequence, stream_holdback
+
+log = logging.getLogger("specserve.vllm_core")
+
+#: The proposer class vLLM loads for remote drafting.
+PROPOSER_CLASS = "actors.vllm_proposer.DraftWorkerProposer"
+_VLLM_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    engine: int
+    t_arrival: float
+    emitted_chars: int = 0
+    t_last_token: float = 0.0
+
+
+def check_tensor_parallel(info: ModelInfo, tp: int) -> None:
+    """Refuse a tensor-parallel size that does not divide the model's attention heads."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(info.path)
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", heads)
+    if heads and heads % tp:
+        raise SpecServeError(f"topology.tensor_parallel_size {tp} does not divide the model's {heads} attention "
+                             "heads", param="topology.tensor_parallel_size")
+    if kv_heads and kv_heads % tp and tp % kv_heads:
+        raise SpecServeError(f"topology.tensor_parallel_size {tp} does not fit the model's {kv_heads} KV heads",
+                             param="topology.tensor_parallel_size")
+
+
+class VllmCore:
+    """Request state around one vLLM engine per target group. Hosted by the Serve router deployment."""
+
+    def __init__(self, config: ReplicaConfig):
+        check_engine_fits(config.model, config.drafter)
+        self.config = config
+        self.info = ModelInfo.load(config.model, config.max_model_len)
+        self.tokenizer = self.info.tokenizer
+        self.metrics = RouterMetrics(config.model_name)
+        self.requests: dict[str, _Request] = {}
+        self.engines: list = []
+        self.workers: list = []
+        self.worker_names: list[str] = []
+        self.worker_info: dict = {}
+        self._request_numbers = itertools.count()
+        self.stats_path = os.path.join(tempfile.gettempdir(), f"specserve-proposer-{uuid.uuid4().hex[:8]}.json")
+
+    # ------------------------------------------------------------------------------- startup
+
+    @property
+    def remote_drafting(self) -> bool:
+        """True when our draft workers propose through vLLM's hook."""
+        d = self.config.drafter
+        return d.vllm_method == "remote" and d.kind != "none" and d.num_speculative_tokens > 0 \
+            and self.config.topology.num_draft_workers > 0
+
+    async def start(self) -> None:
+        """Start the draft workers (remote drafting) and one vLLM engine per target group."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = self.config
+        check_tensor_parallel(self.info, cfg.topology.tensor_parallel_size)
+        if self.remote_drafting:
+            await self._start_workers()
+        if cfg.model.device == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.model.vllm.kv_cache_gb)))
+        args = self.engine_args()
+        for _ in range(cfg.topology.num_target_groups):
+            self.engines.append(AsyncLLM.from_engine_args(args))
+
+    async def _start_workers(self) -> None:
+        cfg = self.config
+        topo = cfg.topology
+        namespace = ray.get_runtime_context().namespace
+        tag = uuid.uuid4().hex[:8]
+        self.worker_names = [f"specserve-draft-{tag}-{i}" for i in range(topo.num_draft_workers)]
+        self.workers = [
+            DraftWorker.options(name=name, namespace=namespace, **actor_options(topo.draft_worker)).remote(
+                cfg.model.model_dump(mode="json"), cfg.drafter.model_dump(mode="json"), topo.draft_worker.num_threads)
+            for name in self.worker_names
+        ]
+        self.worker_info = await self.workers[0].info.remote()
+
+    def engine_args(self):
+        """vLLM's engine arguments derived from the config."""
+        from vllm import AsyncEngineArgs
+
+        cfg = self.config
+        v = cfg.model.vllm
+        dtype = _VLLM_DTYPES[str(resolve_dtype(cfg.model.dtype, cfg.model.device))]
+        tp = cfg.topology.tensor_parallel_size
+        return AsyncEngineArgs(
+            model=self.info.path,
+            dtype=dtype,
+            max_model_len=self.info.max_context,
+            enable_prefix_caching=v.enable_prefix_caching,
+            enforce_eager=v.enforce_eager,
+            max_num_seqs=v.max_num_seqs,
+            tensor_parallel_size=tp,
+            distributed_executor_backend="ray" if cfg.model.device.startswith("cuda") and tp > 1 else None,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            speculative_config=self.speculative_config(),
+            additional_config={CONFIG_KEY: self.proposer_settings()} if self.remote_drafting else {},
+            per_request_spec_decode_metrics="detailed",
+            disable_log_stats=True,
+        )
+
+    def speculative_config(self) -> dict | None:
+        """vLLM's ``speculative_config`` for the configured drafter (None: plain decoding)."""
+        d = self.config.drafter
+        v = self.config.model.vllm
+        if d.kind == "none" and d.vllm_method == "remote" or d.num_speculative_tokens == 0:
+            return None
+        spec: dict = {"num_speculative_tokens": d.num_speculative_tokens}
+        if d.vllm_method == "remote":
+            if not self.remote_drafting:
+                return None
+            spec.update(method="custom_class", model=PROPOSER_CLASS)
+        elif d.vllm_method == "ngram":
+            spec.update(method="ngram", prompt_lookup_min=d.ngram_min, prompt_lookup_max=d.ngram_max)
+        elif d.vllm_method == "suffix":
+            spec.update(method="suffix")
+        else:
+            spec.update(method=d.vllm_method, model=d.path)
+        if v.k_per_batch_size:
+            spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in v.k_per_batch_size]
+        return spec
+
+    def proposer_settings(self) -> dict:
+        """What the proposer inside vLLM needs to reach the draft workers (JSON)."""
+        cfg = self.config
+        cost = float(self.worker_info.get("draft_cost_per_token", 0.0))
+        pipelining = cfg.model.vllm.pipelining
+        return {
+            "gcs_address": ray.get_runtime_context().gcs_address,
+            "namespace": ray.get_runtime_context().namespace,
+            "draft_workers": self.worker_names,
+            "drafter": cfg.drafter.model_dump(mode="json"),
+            "draft_cost_per_token": cost,
+            "deadline_ms": cfg.model.vllm.draft_deadline_ms,
+            # Overlap pays only when drafting costs something (a draft model, not an n-gram lookup).
+            "pipelining": cost > 0.0 if pipelining is None else pipelining,
+            "k_per_batch_size": [list(r) for r in cfg.model.vllm.k_per_batch_size or []],
+            "stats_path": self.stats_path,
+        }
+
+    # ----------------------------------------------------------------------------------- API
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+        """Decode one request on the least loaded engine, yielding a :class:`StreamChunk` per engine step.
+
+        Raises ``SpecServeError`` (bad input), ``Saturated`` (queue full) or ``TargetFailed``.
+        """
+        self.info.check_fits(len(prompt_ids))
+        limit = self.config.router.max_running_requests + self.config.router.max_waiting_requests
+        if len(self.requests) >= limit:
+            raise Saturated(f"server is saturated ({limit} requests in flight); retry later")
+        seq_id = f"{request_id or 'req'}-{next(self._request_numbers)}"
+        engine = min(range(len(self.engines)), key=lambda i: sum(r.engine == i for r in self.requests.values()))
+        seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
+        req = _Request(seq, engine, time.perf_counter())
+        self.requests[seq_id] = req
+        self.metrics.set_queue(len(self.requests), 0)
+        self.metrics.prompt_tokens(len(prompt_ids))
+        try:
+            async for chunk in self._decode(req):
+                yield chunk
+        finally:
+            self.requests.pop(seq_id, None)
+            self.metrics.set_queue(len(self.requests), 0)
+
+    def vllm_params(self, seq: Sequence):
+        """vLLM sampling parameters for a sequence: tokens only, stop strings are checked by ``Sequence``."""
+        from vllm import SamplingParams as VllmParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = seq.params
+        room = self.info.max_context - len(seq.prompt_ids)
+        return VllmParams(max_tokens=max(1, min(p.max_tokens, room)), temperature=p.temperature, top_p=p.top_p,
+                          top_k=p.top_k, seed=p.seed, ignore_eos=p.ignore_eos,
+                          stop_token_ids=[] if p.ignore_eos else sorted(self.info.eos_token_ids),
+                          detokenize=False, output_kind=RequestOutputKind.DELTA)
+
+    async def _decode(self, req: _Request) -> AsyncIterator[StreamChunk]:
+        seq = req.seq
+        engine = self.engines[req.engine]
+        stream = engine.generate({"prompt_token_ids": seq.prompt_ids}, self.vllm_params(seq), request_id=seq.seq_id)
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                appended = seq.commit(completion.token_ids)
+                if not seq.finished and out.finished:
+                    seq.abort("length")  # vLLM stopped at the context limit
+                if seq.finished:
+                    self._record_spec(seq, completion.spec_decode_metrics, time.perf_counter() - req.t_arrival)
+                yield self._chunk(req, appended)
+                if seq.finished:
+                    break
+        except (SpecServeError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            if getattr(engine, "errored", False):
+                raise TargetFailed(f"vLLM engine {req.engine} failed: {e}") from None
+            raise
+        finally:
+            await stream.aclose()  # aborts the request in vLLM if it is still running
+
+    def _record_spec(self, seq: Sequence, metrics, e2e_s: float) -> None:
+        """Per-request spec_decode stats and the speculative counters from vLLM's per-step record."""
+        if metrics is None:
+            return
+        steps = list(zip(metrics.per_step_drafted, metrics.per_step_accepted))
+        step_s = e2e_s / max(1, len(steps))
+        for drafted, accepted in steps:
+            seq.stats.record(drafted, accepted)
+            self.metrics.step(drafted, accepted, 0.0, step_s)
+        seq.stats.verify_time_s = e2e_s
+
+    def _chunk(self, req: _Request, appended: list[int]) -> StreamChunk:
+        seq = req.seq
+        now = time.perf_counter()
+        if appended:
+            if len(seq.output_ids) == len(appended):
+                self.metrics.ttft(now - req.t_arrival)
+            elif req.t_last_token:
+                self.metrics.itl((now - req.t_last_token) / len(appended))
+            req.t_last_token = now
+        text = seq.text
+        end = len(text) if seq.finished else len(text) - stream_holdback(text, seq.params.stop, req.emitted_chars)
+        end = max(req.emitted_chars, end)
+        delta = text[req.emitted_chars : end]
+        req.emitted_chars = end
+        if not seq.finished:
+            return StreamChunk(appended, delta)
+        reason = "length" if seq.finish_reason == "length" else "stop"
+        self.metrics.finished(seq.finish_reason or "stop", len(seq.output_ids), now - req.t_arrival)
+        return StreamChunk(appended, delta, finish_reason=reason, stats=seq.stats.to_dict(),
+                           usage=Usage(len(seq.prompt_ids), len(seq.output_ids)))
+
+    def status(self) -> dict:
+        """Live counts, for health checks and leak tests."""
+        return {"running": len(self.requests), "waiting": 0, "engine": "vllm",
+                "groups": [{"index": i, "errored": bool(e.errored)} for i, e in enumerate(self.engines)],
+                "draft_workers": len(self.workers), "max_context": self.info.max_context}
+
+    async def held_sequences(self) -> dict:
+        """Requests held here and in every engine (0 when idle); draft workers' history states are
+        bounded by eviction, not freed per request."""
+        drafts = await asyncio.gather(*[w.history_states.remote() for w in self.workers], return_exceptions=True)
+        return {"router": len(self.requests), "draft_workers": [d if isinstance(d, int) else -1 for d in drafts],
+                "target_groups": [e.output_processor.get_num_unfinished_requests() for e in self.engines]}
+
+    async def placement(self) -> dict:
+        """Node of every draft worker and engine host."""
+        drafts = await asyncio.gather(*[w.info.remote() for w in self.workers], return_exceptions=True)
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"draft_workers": [d for d in drafts if isinstance(d, dict)],
+                "target_groups": [[{"node_id": node, "pid": os.getpid(), "engine": "vllm"}] for _ in self.engines]}
+
+    def healthy(self) -> bool:
+        """False when an engine has died."""
+        return bool(self.engines) and not any(e.errored for e in self.engines)
+
+    def drafting_stats(self) -> dict:
+        """The remote proposer's counters (steps, calls, late, failed, pipelined hits, wait seconds),
+        as last written (every few steps); {} before any."""
+        try:
+            with open(self.stats_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def shutdown(self) -> None:
+        """Stop the engines and every actor this core started."""
+        for e in self.engines:
+            e.shutdown()
+        self.engines = []
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except RayError:
+                pass
+        self.workers = []
+

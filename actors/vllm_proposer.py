@@ -1,0 +1,253 @@
+"""vLLM proposer that fetches each step's drafts from specserve draft workers (Ray actors).
+
+vLLM builds this class inside its worker process (``speculative_config={"method":
+"custom_class", "model": "actors.vllm_proposer.DraftWorkerProposer", ...}``) and calls
+``propose`` after every step with the token history of each running request: token ids
+only, no request ids. The whole batch goes to the draft workers in one call per worker.
+
+- **Sticky rows.** A request's history at step t+1 is its history at step t plus the
+  accepted drafts plus one sampled token, i.e. plus ``sampled_token_ids[i]``: cutting
+  those off finds the row's record from the previous step in one dict lookup. The record
+  keeps its draft worker (so the worker's history-keyed state, a draft model's KV cache,
+  is reused) and its adaptive k (``specserve.strategy``), learned from how much of the
+  previous draft the new history accepted.
+- **Load-aware k.** ``k_per_batch_size`` caps k by the running batch size (the same
+  schedule is vLLM's ``num_speculative_tokens_per_batch_size``, so its scheduler sizes the
+  verification to it): with large batches verification of rejected tokens costs real
+  throughput, and k = 0 is plain decoding.
+- **Pipelining.** After returning drafts d for history h, the worker is already asked for
+  k + 1 tokens after h + d, assuming full acceptance; vLLM verifies d meanwhile. If the
+  next history is h + d + [x] and that block starts with x, its rest is the next draft
+  with no wait.
+- **Deadline, death, re-attach.** Each wait is bounded by ``deadline_ms``: late drafts or a
+  dead worker give empty proposals (plain decoding for that step), never a failed or
+  stuck request. A worker whose call failed or is still late is skipped, and tried again
+  every ``REATTACH_EVERY`` steps (Ray restarts dead draft workers).
+
+Only tensor-parallel rank 0 drafts: vLLM takes the drafts of its output rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+
+from specserve.config import DrafterConfig
+from specserve.strategy import KStrategy, make_strategy
+
+log = logging.getLogger("specserve.vllm_proposer")
+
+#: Key under ``VllmConfig.additional_config`` holding this proposer's settings.
+CONFIG_KEY = "specserve"
+#: A skipped (failed or late) worker is tried again after this many steps.
+REATTACH_EVERY = 8
+#: The counters are written to ``stats_path`` every this many steps.
+STATS_EVERY = 16
+
+
+@dataclass
+class ProposerSettings:
+    """What the engine's host passes through ``additional_config[CONFIG_KEY]`` (JSON-able)."""
+
+    gcs_address: str  # Ray cluster to join (the host's own)
+    namespace: str  # Ray namespace of the named draft workers
+    draft_workers: list[str]  # actor names
+    drafter: dict  # DrafterConfig as JSON (adaptive k and its cost model)
+    draft_cost_per_token: float = 0.0  # the drafter's own estimate, for adaptive k
+    deadline_ms: float = 200.0
+    pipelining: bool = True
+    k_per_batch_size: list[list[int]] = field(default_factory=list)  # [[lo, hi, k], ...]; empty = no cap
+    stats_path: str | None = None  # where the counters are written every STATS_EVERY steps (JSON)
+
+
+@dataclass
+class _Row:
+    """One running request as the proposer knows it, keyed by its history."""
+
+    worker: int
+    strategy: KStrategy
+    drafts: list[int] = field(default_factory=list)  # what was proposed after the key history
+
+
+@dataclass
+class _Worker:
+    handle: object
+    skip_until_step: int = 0  # failed or late: plain decoding for its rows until this step
+    late: object | None = None  # a call that missed its deadline and has not finished yet
+
+
+def k_cap(schedule: list[list[int]], batch_size: int, k_max: int) -> int:
+    """Largest k the schedule allows at this batch size (``k_max`` when no range covers it)."""
+    for lo, hi, k in schedule:
+        if lo <= batch_size <= hi:
+            return min(k, k_max)
+    return k_max if not schedule else min(schedule[-1][2], k_max)
+
+
+class DraftWorkerProposer:
+    """vLLM ``custom_class`` proposer backed by specserve DraftWorker actors."""
+
+    def __init__(self, vllm_config):
+        spec = vllm_config.speculative_config
+        self.k_max = int(spec.num_speculative_tokens)
+        self.settings = ProposerSettings(**vllm_config.additional_config[CONFIG_KEY])
+        self.drafter_cfg = DrafterConfig.model_validate(self.settings.drafter)
+        self.deadline_s = self.settings.deadline_ms / 1000.0
+        self.active = _is_output_rank()
+        self.workers: list[_Worker] = []
+        if self.active:
+            if not ray.is_initialized():
+                ray.init(address=self.settings.gcs_address, namespace=self.settings.namespace,
+                         logging_level=logging.WARNING, log_to_driver=False)
+            self.workers = [_Worker(ray.get_actor(name, namespace=self.settings.namespace))
+                            for name in self.settings.draft_workers]
+        self.rows: dict[bytes, _Row] = {}
+        self.pipelined: dict[bytes, tuple[object, int]] = {}  # bytes(h + d) -> (ref, index in that call)
+        self.step = 0
+        self._next_worker = 0
+        # Counters, read by tests and the benchmark through ``stats()``.
+        self.counts = {"steps": 0, "calls": 0, "late": 0, "failed": 0, "pipelined_hits": 0,
+                       "wait_s": 0.0}
+
+    def load_model(self, *args, **kwargs) -> None:
+        """vLLM hands over the target model here; remote drafting needs none of it."""
+
+    def stats(self) -> dict:
+        """Counters: steps, worker calls, late and failed calls, pipelined hits, time spent waiting."""
+        return dict(self.counts)
+
+    # ------------------------------------------------------------------------------- the hook
+
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, slot_mappings=None) -> list[list[int]]:
+        """Draft tokens per running request (row i of the batch), or [] where there are none."""
+        batch = len(sampled_token_ids)
+        if not self.active or not self.workers:
+            return [[] for _ in range(batch)]
+        self.step += 1
+        self.counts["steps"] += 1
+        t0 = time.perf_counter()
+        cap = k_cap(self.settings.k_per_batch_size, batch, self.k_max)
+        histories: list[np.ndarray | None] = []
+        rows: list[_Row | None] = []
+        new_rows: dict[bytes, _Row] = {}
+        for i, sampled in enumerate(sampled_token_ids):
+            if not sampled:  # a prefill chunk or a discarded step: nothing to draft after
+                histories.append(None)
+                rows.append(None)
+                continue
+            h = token_ids_cpu[i, : int(num_tokens_no_spec[i])].astype(np.int64)  # [n]
+            row = self._row_for(h, len(sampled))
+            histories.append(h)
+            rows.append(row)
+            new_rows[h.tobytes()] = row
+        self.rows = new_rows
+        ks = [min(r.strategy.next_k(), cap) if r is not None else 0 for r in rows]
+        drafts = self._drafts(histories, rows, ks)
+        for row, d in zip(rows, drafts):
+            if row is not None:
+                row.drafts = d
+        if self.settings.pipelining:
+            self._pipeline(histories, rows, drafts, ks)
+        self.counts["wait_s"] += time.perf_counter() - t0
+        if self.settings.stats_path and self.step % STATS_EVERY == 0:
+            self._write_stats()
+        return drafts
+
+    def _write_stats(self) -> None:
+        tmp = f"{self.settings.stats_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.counts, f)
+        os.replace(tmp, self.settings.stats_path)
+
+    def _row_for(self, h: np.ndarray, num_sampled: int) -> _Row:
+        prev = self.rows.get(h[: len(h) - num_sampled].tobytes())
+        if prev is not None:
+            # The new history accepted num_sampled - 1 tokens of the previous draft.
+            prev.strategy.update(len(prev.drafts), min(num_sampled - 1, len(prev.drafts)))
+            return prev
+        worker = self._next_worker % len(self.workers)
+        self._next_worker += 1
+        return _Row(worker, make_strategy(self.drafter_cfg, self.settings.draft_cost_per_token))
+
+    def _drafts(self, histories: list, rows: list, ks: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in histories]
+        todo: dict[int, list[int]] = {}  # worker -> rows still needing a draft
+        pipelined = self.pipelined
+        self.pipelined = {}
+        for i, (h, row, k) in enumerate(zip(histories, rows, ks)):
+            if row is None or k == 0:
+                continue
+            hit = pipelined.get(h[:-1].tobytes())
+            if hit is not None:
+                block = self._result(row.worker, hit[0])
+                if block is not None and len(block[hit[1]]) >= 2 and block[hit[1]][0] == int(h[-1]):
+                    out[i] = block[hit[1]][1 : k + 1]
+                    self.counts["pipelined_hits"] += 1
+                    continue
+            todo.setdefault(row.worker, []).append(i)
+        calls = {}
+        for w, idx in todo.items():
+            if self._usable(w):
+                calls[w] = (self.workers[w].handle.propose_batch.remote([histories[i].tolist() for i in idx],
+                                                                       [ks[i] for i in idx]), idx)
+                self.counts["calls"] += 1
+        for w, (ref, idx) in calls.items():
+            result = self._result(w, ref)
+            if result is not None:
+                for i, d in zip(idx, result):
+                    out[i] = d
+        return out
+
+    def _pipeline(self, histories: list, rows: list, drafts: list[list[int]], ks: list[int]) -> None:
+        """Ask for the block after each full draft now, while vLLM verifies this one."""
+        todo: dict[int, list[np.ndarray]] = {}
+        for h, row, d, k in zip(histories, rows, drafts, ks):
+            if row is not None and d and len(d) == k:
+                todo.setdefault(row.worker, []).append(np.concatenate([h, np.asarray(d, dtype=np.int64)]))
+        for w, guessed in todo.items():
+            if not self._usable(w):
+                continue
+            ref = self.workers[w].handle.propose_batch.remote([g.tolist() for g in guessed], self.k_max + 1)
+            self.counts["calls"] += 1
+            for j, g in enumerate(guessed):
+                self.pipelined[g.tobytes()] = (ref, j)
+
+    def _usable(self, w: int) -> bool:
+        worker = self.workers[w]
+        if worker.late is not None:
+            ready, _ = ray.wait([worker.late], timeout=0)
+            if not ready:
+                return False
+            worker.late = None
+        return self.step >= worker.skip_until_step
+
+    def _result(self, w: int, ref) -> list[list[int]] | None:
+        """The call's drafts, or None when it is late or failed (the worker is then skipped a while)."""
+        worker = self.workers[w]
+        try:
+            return ray.get(ref, timeout=self.deadline_s)
+        except GetTimeoutError:
+            self.counts["late"] += 1
+            worker.late = ref
+        except RayError as e:
+            self.counts["failed"] += 1
+            log.warning("draft worker %d failed (%s); plain decoding for its requests for now", w, type(e).__name__)
+        worker.skip_until_step = self.step + REATTACH_EVERY
+        return None
+
+
+def _is_output_rank() -> bool:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except Exception:  # no parallel state (a unit test building the proposer by hand)
+        return True
