@@ -21,8 +21,8 @@ DEFAULT_MODEL = "default"
 #: Largest block a drafter may propose; beyond this verification cost grows faster than acceptance.
 MAX_SPECULATIVE_TOKENS = 64
 
-DrafterKind = Literal["none", "ngram", "draft_model", "block"]
-DRAFTER_KINDS: tuple[str, ...] = ("none", "ngram", "draft_model", "block")
+DrafterKind = Literal["none", "ngram", "draft_model", "block", "hybrid"]
+DRAFTER_KINDS: tuple[str, ...] = ("none", "ngram", "draft_model", "block", "hybrid")
 
 
 class StrictModel(BaseModel):
@@ -147,12 +147,13 @@ class DrafterConfig(StrictModel):
         "ngram",
         description="Drafter: 'none' (plain decoding, the baseline), 'ngram' (prompt lookup, no model), "
         "'draft_model' (a small HF causal LM with the target's tokenizer), 'block' (trained parallel "
-        "block drafter conditioned on target hidden states).",
+        "block drafter conditioned on target hidden states), 'hybrid' (n-gram lookup where the context "
+        "matches, the block drafter elsewhere, chosen per step from expected accepted lengths).",
     )
     path: str | None = Field(
         None,
-        description="Model directory for 'draft_model', checkpoint file for 'block' (None: the shipped "
-        "default block drafter).",
+        description="Model directory for 'draft_model', checkpoint file for 'block' and 'hybrid' (None: "
+        "the shipped default block drafter).",
     )
     num_speculative_tokens: int = Field(
         6,
@@ -272,14 +273,15 @@ def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
 
 
 def parse_drafter(spec: str, **overrides: object) -> DrafterConfig:
-    """Parse ``none | ngram | draft_model:PATH | block[:PATH]`` into a DrafterConfig.
+    """Parse ``none | ngram | draft_model:PATH | block[:PATH] | hybrid[:PATH]`` into a DrafterConfig.
 
     Raises SpecServeError naming ``--drafter`` and the allowed kinds on a bad spec.
     """
     kind, _, path = spec.partition(":")
     if kind not in DRAFTER_KINDS:
         raise SpecServeError(
-            f"unknown drafter {kind!r}; allowed: none, ngram, draft_model:PATH, block[:CHECKPOINT]",
+            f"unknown drafter {kind!r}; allowed: none, ngram, draft_model:PATH, block[:CHECKPOINT], "
+            "hybrid[:CHECKPOINT]",
             param="drafter",
         )
     fields = {k: v for k, v in overrides.items() if v is not None}

@@ -124,6 +124,68 @@ def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_targ
     assert chi_square_p_value(counts, shifted, n) < 1e-3
 
 
+@pytest.fixture(scope="module")
+def trimmed_drafter(tiny_target) -> BlockDrafter:
+    """A random drafter over a 256-token draft vocabulary holding the tiny target's greedy tokens."""
+    torch.manual_seed(1)
+    model = build_model(TINY.model_copy(update={"draft_vocab_size": 256}), tiny_target).eval()
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    seen = sorted({t for prompt in PROMPTS for t in plain(tiny_target, prompt, params)})
+    rest = [t for t in range(1000, 5000) if t not in seen]
+    model.set_draft_vocab(torch.tensor(sorted(seen + rest[: 256 - len(seen)])))
+    return BlockDrafter(model)
+
+
+def test_trimmed_vocabulary_drafts_only_its_tokens_and_greedy_stays_exact(tiny_target, trimmed_drafter):
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    engine = block_engine(tiny_target, trimmed_drafter, 4)
+    vocab = set(trimmed_drafter.model.draft_vocab.tolist())
+    proposed: list[int] = []
+    original = trimmed_drafter.propose
+
+    def spy(seq_id, token_ids, k):
+        block = original(seq_id, token_ids, k)
+        proposed.extend(block.token_ids)
+        return block
+
+    trimmed_drafter.propose = spy
+    try:
+        for prompt in PROMPTS:
+            assert engine.generate(prompt, params).token_ids == plain(tiny_target, prompt, params), prompt
+    finally:
+        del trimmed_drafter.propose
+    assert proposed and set(proposed) <= vocab
+    assert trimmed_drafter.model.logits_dim == 256
+
+
+def test_sampling_with_trimmed_vocabulary_preserves_the_target_distribution(tiny_target, trimmed_drafter):
+    prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
+    params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
+    expected = sequence_distribution(tiny_target, prompt_ids, params)
+    block = trimmed_drafter
+    block.start("probe", prompt_ids, params.model_copy(update={"seed": 0}))
+    q = block.propose("probe", prompt_ids, 2).probs  # [2, vocab]: zero outside the draft vocabulary
+    block.finish("probe")
+    assert q.shape[1] == tiny_target.model.config.vocab_size
+    outside = torch.ones(q.shape[1], dtype=torch.bool)
+    outside[block.model.draft_vocab] = False
+    assert float(q[:, outside].abs().sum()) == 0.0 and torch.allclose(q.sum(1), torch.ones(2))
+    n = 1500
+    engine = block_engine(tiny_target, block, 4)
+    counts: dict = {}
+    for seed in range(n):
+        ids = tuple(engine.generate(prompt_ids, params.model_copy(update={"seed": seed})).token_ids)
+        counts[ids] = counts.get(ids, 0) + 1
+    assert chi_square_p_value(counts, expected, n) > 1e-3
+
+
+def test_trimmed_checkpoint_keeps_its_vocabulary_exactly(tiny_target, trimmed_drafter, tmp_path):
+    path = save_checkpoint(tmp_path / "t.pt", trimmed_drafter.model, tiny_target)  # bf16 weights
+    loaded = make_drafter(DrafterConfig(kind="block", path=str(path)), tiny_target)
+    assert torch.equal(loaded.model.draft_vocab, trimmed_drafter.model.draft_vocab)
+    assert loaded.model.draft_vocab.dtype == torch.long
+
+
 def test_checkpoint_round_trips(tiny_target, random_drafter, tmp_path):
     path = save_checkpoint(tmp_path / "d.pt", random_drafter.model, tiny_target, {"note": "test"},
                            dtype=torch.float32)

@@ -46,6 +46,11 @@ def make_drafter(cfg: DrafterConfig, target: LoadedModel) -> Drafter:
         from specserve.drafters.block import load_block_drafter
 
         return load_block_drafter(cfg, target)
+    if cfg.kind == "hybrid":
+        from specserve.drafters.block import load_block_drafter
+        from specserve.drafters.hybrid import HybridDrafter
+
+        return HybridDrafter(load_block_drafter(cfg, target), cfg.ngram_min, cfg.ngram_max)
     raise SpecServeError(f"unknown drafter {cfg.kind!r}", param="drafter")
 
 
@@ -56,15 +61,9 @@ def _dtype_name(target: LoadedModel) -> str:
 
 
 def default_drafter_spec(model: str = "default") -> str:
-    """The drafter used when none is named: the shipped block drafter for the embedded default model
-    when its checkpoint is installed, otherwise n-gram prompt lookup."""
-    from specserve.config import DEFAULT_MODEL
+    """The drafter used when none is named: n-gram prompt lookup.
 
-    if model == DEFAULT_MODEL:
-        try:
-            from specserve.drafters.block import default_checkpoint
-        except ImportError:
-            return "ngram"
-        if default_checkpoint() is not None:
-            return "block"
+    The shipped block drafter (``block`` / ``hybrid`` with no path) is an option, not the default,
+    until a `specserve bench` run shows the hybrid beating n-gram lookup (docs/drafter-training.md).
+    """
     return "ngram"

@@ -36,6 +36,37 @@ def add_parser(subparsers) -> None:
     t.add_argument("--save-as", default=None, help="also copy the final checkpoint here (e.g. the shipped asset)")
     t.set_defaults(handler=cmd_train)
 
+    d = subparsers.add_parser(
+        "distill-drafter", help="train a block drafter by online distillation from the target (ShareGPT train "
+        "split, the target labels every step); single process or Ray Train")
+    d.add_argument("--config", default=None, help="JSON or YAML file validated as DistillConfig; flags override it")
+    d.add_argument("--out", default=None, help="run directory (re-running resumes from its state.pt)")
+    d.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2)")
+    d.add_argument("--dtype", default=None, help="target dtype: bf16 (as served) or fp32 (faster on AVX2-only CPUs)")
+    d.add_argument("--device", default=None, help="torch device per worker: cpu or cuda")
+    d.add_argument("--init-from", default=None, help="servable checkpoint to warm-start from (fresh optimiser)")
+    d.add_argument("--losses", default=None,
+                   help=f"a preset ({', '.join(LOSS_PRESETS)}) or NAME=WEIGHT,... over ce, positional_ce, "
+                   "first_error, chain")
+    d.add_argument("--steps", type=int, default=None, help="optimiser steps to reach (raise to extend a run)")
+    d.add_argument("--block-size", type=int, default=None, help="draft tokens per pass")
+    d.add_argument("--num-layers", type=int, default=None, help="draft transformer layers")
+    d.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size (0: the full vocabulary)")
+    d.add_argument("--seq-len", type=int, default=None, help="tokens per training chunk")
+    d.add_argument("--batch-sequences", type=int, default=None, help="chunks per step per worker")
+    d.add_argument("--anchors", type=int, default=None, help="blocks per chunk per step")
+    d.add_argument("--lr", type=float, default=None)
+    d.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
+    d.add_argument("--workers", type=int, default=0,
+                   help="Ray Train data-parallel workers (0: one process, no Ray); gloo on CPU, nccl on GPU")
+    d.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (ScalingConfig.use_gpu)")
+    d.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per Ray Train worker")
+    d.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    d.add_argument("--storage", default=None, help="Ray Train storage path (default: OUT/ray; shared on clusters)")
+    d.set_defaults(handler=cmd_distill)
+
     e = subparsers.add_parser("eval-drafter", help="mean accepted length and speedup of a block drafter")
     e.add_argument("checkpoint", help="block drafter checkpoint (.pt)")
     e.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N (repeatable)")
@@ -98,6 +129,47 @@ def train_config(args: argparse.Namespace):
     if args.no_regenerate:
         d["regenerate"] = False
     return validated(TrainConfig, data)
+
+
+def distill_config(args: argparse.Namespace):
+    """DistillConfig from --config and the flags (flags win)."""
+    from specserve.config import validated
+    from specserve.training.distill import DistillConfig
+
+    data: dict = _read_config(args.config) if args.config else {}
+    top = {"out_dir": args.out, "model": args.model, "dtype": args.dtype, "device": args.device,
+           "init_from": args.init_from, "steps": args.steps, "seq_len": args.seq_len,
+           "batch_sequences": args.batch_sequences, "anchors_per_sequence": args.anchors, "lr": args.lr,
+           "save_every": args.save_every, "seed": args.seed, "threads": args.threads}
+    data.update({k: v for k, v in top.items() if v is not None})
+    drafter = data.setdefault("drafter", {"draft_vocab_size": 8192})
+    for key, value in (("block_size", args.block_size), ("num_layers", args.num_layers)):
+        if value is not None:
+            drafter[key] = value
+    if args.draft_vocab is not None:
+        drafter["draft_vocab_size"] = args.draft_vocab or None
+    if args.losses:
+        data.setdefault("losses", {})["weights"] = parse_losses(args.losses)
+    return validated(DistillConfig, data)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Online distillation, in this process or on Ray Train workers."""
+    cfg = distill_config(args)
+    if args.workers < 0:
+        raise SpecServeError("--workers must be >= 0", param="workers")
+    if args.workers:
+        from specserve.training.ray_train import run_ray_train
+
+        last = run_ray_train(cfg, num_workers=args.workers, use_gpu=args.use_gpu,
+                             cpus_per_worker=args.cpus_per_worker, address=args.ray_address, storage=args.storage)
+    else:
+        from specserve.training.distill import distill
+
+        last = distill(cfg)
+    print(f"step {last.get('step')}: {last.get('tokens_seen', 0)} tokens seen, loss {last.get('loss', float('nan')):.3f}, "
+          f"greedy accepted {last.get('greedy_accepted', float('nan')):.2f}; checkpoint {cfg.out_dir}/drafter.pt")
+    return 0
 
 
 def _read_config(path: str) -> dict:

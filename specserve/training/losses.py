@@ -13,6 +13,12 @@ counts if positions 1..k-1 were right. The terms:
   when positions are independent; it is maximised, i.e. subtracted from the total.
 
 Blocks cut short by the end of a sequence carry ``valid = False`` on their trailing positions.
+
+**Soft labels** (online distillation): given the target's distribution at each position, ``ce``
+and ``positional_ce`` use the cross-entropy against it, ``-sum_v p_target(v) log q(v)`` (the KL
+to the target up to the target's entropy), and ``targets`` is the target's argmax, which is what
+greedy verification accepts; ``first_error`` and ``chain`` are defined on it as above. A target
+index of -1 (the target's choice lies outside a trimmed draft vocabulary) can never be matched.
 """
 
 from __future__ import annotations
@@ -29,9 +35,21 @@ def positional_weights(k: int, gamma: float) -> torch.Tensor:
 
 
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy [N, K] of ``logits`` [N, K, vocab] against ``targets`` [N, K]."""
+    """Cross-entropy [N, K] of ``logits`` [N, K, vocab] against ``targets`` [N, K] (-1: no target, 0 loss)."""
     n, k, v = logits.shape
-    return F.cross_entropy(logits.reshape(n * k, v).float(), targets.reshape(n * k), reduction="none").view(n, k)
+    return F.cross_entropy(logits.reshape(n * k, v).float(), targets.reshape(n * k), reduction="none",
+                           ignore_index=-1).view(n, k)
+
+
+def soft_ce(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy [N, K] of ``logits`` [N, K, vocab] against distributions ``soft`` [N, K, vocab]."""
+    return -(soft * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def target_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The drafter's probability [N, K] of ``targets`` [N, K] (0 where the target is -1)."""
+    p = F.softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    return torch.where(targets >= 0, p, torch.zeros_like(p))
 
 
 def first_error_mask(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -59,15 +77,20 @@ def chain_value(p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def block_losses(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
-                 cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+                 cfg: LossConfig, soft: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted total loss and every term's value (all terms are logged, enabled or not).
 
-    logits: [N, K, vocab]; targets: [N, K]; valid: [N, K] bool.
+    logits: [N, K, vocab]; targets: [N, K] (-1: unreachable); valid: [N, K] bool;
+    soft: [N, K, vocab] target distributions (soft labels) or None (hard labels = ``targets``).
     """
-    ce = token_ce(logits, targets)  # [N, K]
+    if soft is None:
+        ce = token_ce(logits, targets)  # [N, K]
+        p = torch.exp(-ce)  # [N, K] drafter probability of the target token
+    else:
+        ce = soft_ce(logits, soft)  # [N, K]
+        p = target_prob(logits, targets)  # [N, K]
     validf = valid.float()
     w = positional_weights(ce.shape[1], cfg.gamma).to(ce.device)[None] * validf  # [N, K]
-    p = torch.exp(-ce)  # [N, K] drafter probability of the target token
     fe = first_error_mask(logits.detach(), targets, valid).float()
     terms = {
         "ce": (ce * validf).sum() / validf.sum().clamp_min(1),
@@ -81,4 +104,7 @@ def block_losses(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
             total = total - weight * terms[name] if name == "chain" else total + weight * terms[name]
     log = {name: float(value.detach()) for name, value in terms.items()}
     log["accepted_length"] = float(expected_accepted_length(p.detach(), valid).mean())
+    # Greedy: leading positions whose argmax is the target's choice (what greedy verification accepts).
+    hits = (logits.detach().argmax(-1) == targets) & valid  # [N, K]
+    log["greedy_accepted"] = float(torch.cumprod(hits.float(), dim=1).sum(dim=1).mean())
     return total, log

@@ -75,17 +75,9 @@ def make_batch(seqs: list[Sequence], block_size: int, anchors: int, gen: torch.G
 
 def compute_loss(model: BlockDrafterModel, batch: Batch, losses: LossConfig) -> tuple[torch.Tensor, dict]:
     """Total loss and logged terms of one batch."""
-    b, length = batch.features.shape[:2]
-    positions = torch.arange(length)[None].expand(b, -1)  # [B, L]
-    c = model.fuse(batch.features)  # [B, L, hidden]
-    ctx_kv = model.context_kv(c, positions)
-    before = (batch.anchor_pos - 1).clamp_min(0)  # [B, M] the newest context position of each block
-    last_c = torch.gather(c, 1, before[..., None].expand(-1, -1, c.shape[-1]))  # [B, M, hidden]
-    last_c = last_c * (batch.anchor_pos > 0)[..., None]  # an anchor at position 0 has no context
-    hidden = model.block_hidden(ctx_kv, last_c, batch.anchor_ids, batch.anchor_pos, batch.ctx_mask)
-    k = hidden.shape[2]
-    logits = model.logits(hidden).view(-1, k, model.logits_dim)  # [B * M, K, vocab]
-    return block_losses(logits, batch.targets.view(-1, k), batch.valid.view(-1, k), losses)
+    logits = model(batch.features, batch.anchor_ids, batch.anchor_pos, batch.ctx_mask)  # [B, M, K, vocab]
+    k = logits.shape[2]
+    return block_losses(logits.flatten(0, 1), batch.targets.view(-1, k), batch.valid.view(-1, k), losses)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

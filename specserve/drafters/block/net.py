@@ -1,56 +1,30 @@
-"""A block drafter in the style of DFlash (arXiv 2602.06036): one forward pass drafts a whole block.
+"""The block drafter network and its config (DFlash style, arXiv 2602.06036).
 
-The drafter is a few transformer layers that sit beside the target and reuse its frozen
-token embedding and LM head. Its inputs are
+A few transformer layers sit beside the target and reuse its frozen token embedding and
+LM head. Inputs: **context features** (hidden states of several target layers for every
+committed token but the newest, fused by one projection + RMSNorm into ``c_t``; every draft
+layer prepends its own k/v projections of ``c`` to its keys and values) and **the block** (the
+newest committed token, the anchor, followed by ``block_size - 1`` mask embeddings at positions
+``n .. n + block_size - 1``). Attention inside the block is bidirectional. Output row i (after the
+final norm and the LM head) predicts the token ``i + 1`` places after the anchor.
 
-* **context features**: hidden states of several target layers for every committed token but
-  the newest (exactly what the verifier returns), concatenated and fused by one linear
-  projection + RMSNorm into ``c_t`` [hidden]. Every draft layer projects ``c`` with its own
-  k/v projections and prepends it to its keys and values, so each layer reads the target's view
-  of the context;
-* **the block**: the newest committed token (the anchor) followed by ``block_size - 1`` mask
-  embeddings, at positions ``n .. n + block_size - 1``.
-
-Attention inside the block is bidirectional; the block sees all of its context. Output row i
-(after the final norm and the target's LM head) predicts the token ``i + 1`` places after the
-anchor, so one pass yields ``block_size`` draft tokens.
-
-With temperature > 0 each position is sampled independently from its own distribution
-``q_i = logits_to_probs(logits_i)``; ``q_i`` does not depend on the earlier draft tokens, so it
-is the exact conditional distribution the acceptance test needs and sampling stays lossless.
-
-Checkpoints hold only the drafter's own weights, its config and a fingerprint of the target it
-was trained for; loading one for another target is refused.
+**Trimmed draft vocabulary.** The 49152 x 576 head dominates a one-layer drafter's cost. With
+``draft_vocab_size`` set, the drafter scores only the ``draft_vocab`` target ids (the most
+frequent tokens of the training data, a buffer saved with the weights) through those rows of the
+target's head, and maps its choices back to target ids. Tokens outside it are never drafted
+(q = 0 there), which costs acceptance only when the target would pick them.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
-from specserve.config import (
-    MAX_SPECULATIVE_TOKENS,
-    DrafterConfig,
-    SamplingParams,
-    StrictModel,
-    user_error_from,
-)
-from specserve.drafters.base import DraftBlock, Drafter
+from specserve.config import MAX_SPECULATIVE_TOKENS, StrictModel
 from specserve.errors import SpecServeError
 from specserve.models import LoadedModel
-from specserve.sampling import logits_to_probs, make_generator
-
-CHECKPOINT_FORMAT = "specserve-block-drafter"
-CHECKPOINT_VERSION = 1
-#: The shipped drafter for the embedded default model (SmolLM2-135M-Instruct).
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "drafters" / "smollm2-135m-block.pt"
-#: Measured in bf16: one drafting pass (1 layer + the LM head over the block) costs ~0.15-0.2 of a target step.
-DRAFT_PASS_COST = 0.2
 
 
 class BlockDrafterConfig(StrictModel):
@@ -74,6 +48,11 @@ class BlockDrafterConfig(StrictModel):
     intermediate_size: int | None = Field(None, ge=1, description="MLP width. None: the target's.")
     rms_norm_eps: float | None = Field(None, gt=0, description="RMSNorm epsilon. None: the target's.")
     rope_theta: float | None = Field(None, gt=0, description="RoPE base. None: the target's.")
+    draft_vocab_size: int | None = Field(
+        None, ge=2, description="Score only this many target tokens (the most frequent in the training data, "
+        "stored with the weights) instead of the whole vocabulary: the LM head dominates the drafter's cost. "
+        "None: the full vocabulary.",
+    )
     init_from_target: bool = Field(
         False, description="Initialise the draft layers from the target's last layers (same shapes) instead "
         "of at random. Off by default: on SmolLM2 it trained no faster in a 25-step comparison.",
@@ -109,18 +88,14 @@ class BlockDrafterConfig(StrictModel):
             "rope_theta": rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0)),
         }
         cfg = self.model_copy(update={k: v for k, v in fill.items() if getattr(self, k) is None})
+        vocab = target_config.vocab_size
+        if cfg.draft_vocab_size is not None and cfg.draft_vocab_size > vocab:
+            raise SpecServeError(f"draft_vocab_size {cfg.draft_vocab_size} exceeds the target's vocabulary "
+                                 f"({vocab})", param="draft_vocab_size")
         if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
             raise SpecServeError(f"hidden_size {cfg.hidden_size}, num_heads {cfg.num_heads} and num_kv_heads "
                                  f"{cfg.num_kv_heads} must divide evenly", param="num_heads")
         return cfg
-
-
-def drafter_config(data: dict) -> BlockDrafterConfig:
-    """Validate a block drafter config dict; a bad field becomes one SpecServeError naming it."""
-    try:
-        return BlockDrafterConfig.model_validate(data)
-    except ValidationError as e:
-        raise user_error_from(e) from None
 
 
 class RMSNorm(nn.Module):
@@ -205,6 +180,21 @@ class BlockDrafterModel(nn.Module):
         # A tuple is not registered as a submodule: the shared target weights stay out of
         # parameters() (frozen, never in the optimizer) and out of state_dict() (never saved).
         self._shared = (embed, lm_head)
+        if cfg.draft_vocab_size is not None:
+            # Target ids of the draft vocabulary; set from token frequencies before training, saved with the weights.
+            self.register_buffer("draft_vocab", torch.arange(cfg.draft_vocab_size))
+        else:
+            self.draft_vocab = None
+        self._head_cache: tuple | None = None  # (key, weight [draft vocab, hidden]) in the drafter's dtype
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Use target ids ``token_ids`` [draft_vocab_size] (distinct) as the draft vocabulary."""
+        if self.draft_vocab is None or token_ids.shape != self.draft_vocab.shape:
+            raise ValueError(f"draft vocabulary needs {self.cfg.draft_vocab_size} ids, got {tuple(token_ids.shape)}")
+        if len(torch.unique(token_ids)) != len(token_ids):
+            raise ValueError("draft vocabulary ids must be distinct")
+        self.draft_vocab.copy_(token_ids)
+        self._head_cache = None
 
     def init_from_target(self, target_model: nn.Module) -> None:
         """Copy the target's last ``num_layers`` decoder layers (and final norm) into the draft layers."""
@@ -270,16 +260,56 @@ class BlockDrafterModel(nn.Module):
 
     @property
     def logits_dim(self) -> int:
-        """Vocabulary size of the shared LM head."""
+        """Size of the draft vocabulary (the target's whole vocabulary unless trimmed)."""
+        if self.draft_vocab is not None:
+            return len(self.draft_vocab)
         return self._shared[1].weight.shape[0]
 
+    def forward(self, features: torch.Tensor, anchor_ids: torch.Tensor, anchor_pos: torch.Tensor,
+                ctx_mask: torch.Tensor) -> torch.Tensor:
+        """Training pass: draft-vocabulary logits [B, M, K, draft vocab] of M blocks per sequence.
+
+        features: [B, L, F] target features of every position; anchor_ids, anchor_pos: [B, M];
+        ctx_mask: [B, M, L] the context positions each block sees (those before its anchor).
+        """
+        b, length = features.shape[:2]
+        positions = torch.arange(length, device=features.device)[None].expand(b, -1)  # [B, L]
+        c = self.fuse(features)  # [B, L, hidden]
+        ctx_kv = self.context_kv(c, positions)
+        before = (anchor_pos - 1).clamp_min(0)  # [B, M] the newest context position of each block
+        last_c = torch.gather(c, 1, before[..., None].expand(-1, -1, c.shape[-1]))  # [B, M, hidden]
+        last_c = last_c * (anchor_pos > 0)[..., None]  # an anchor at position 0 has no context
+        return self.logits(self.block_hidden(ctx_kv, last_c, anchor_ids, anchor_pos, ctx_mask))
+
+    @property
+    def target_vocab_size(self) -> int:
+        """Rows of the target's LM head (the vocabulary verification scores)."""
+        return self._shared[1].weight.shape[0]
+
+    def head_weight(self) -> torch.Tensor:
+        """The rows of the target's LM head the drafter scores [draft vocab, hidden], in the drafter's dtype.
+
+        Cached: the head is frozen, and slicing or casting 49152 x 576 on every pass would cost more
+        than the pass itself.
+        """
+        weight = self._shared[1].weight
+        dtype = self.fc.weight.dtype
+        key = (dtype, weight.device, None if self.draft_vocab is None else self.draft_vocab._version)
+        if self._head_cache is None or self._head_cache[0] != key:
+            w = weight.detach() if self.draft_vocab is None else weight.detach()[self.draft_vocab]
+            self._head_cache = (key, w.to(dtype))
+        return self._head_cache[1]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [..., vocab] (fp32) from the target's LM head."""
-        head = self._shared[1]
-        return head(hidden.to(head.weight.dtype)).float()
+        """Draft-vocabulary logits [..., draft vocab] (fp32) through the target's (frozen) LM head rows."""
+        return F.linear(hidden.to(self.fc.weight.dtype), self.head_weight()).float()
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Target token ids of draft-vocabulary indices ``draft_ids`` (any shape)."""
+        return draft_ids if self.draft_vocab is None else self.draft_vocab[draft_ids]
 
     def draft_state_dict(self) -> dict[str, torch.Tensor]:
-        """The drafter's own weights (nothing of the target's)."""
+        """The drafter's own weights and draft vocabulary (nothing of the target's)."""
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
 
 
@@ -293,184 +323,3 @@ def build_model(cfg: BlockDrafterConfig, target: LoadedModel, *, init: bool = Tr
     return model.to(device=target.device, dtype=dtype or target.dtype)
 
 
-def target_fingerprint(model: nn.Module) -> dict:
-    """Identity of a target: its shape and a signature of its token embedding.
-
-    Row sums of 16 evenly spaced embedding rows in fp32 are the same whether the target is
-    loaded in bf16 or fp32, and differ for any other trained (or random) embedding.
-    """
-    c = model.config
-    w = model.get_input_embeddings().weight.detach()
-    rows = w[:: max(1, w.shape[0] // 16)][:16].float()
-    return {
-        "model_type": getattr(c, "model_type", ""),
-        "vocab_size": int(c.vocab_size),
-        "hidden_size": int(c.hidden_size),
-        "num_hidden_layers": int(c.num_hidden_layers),
-        "embedding_signature": [round(float(s), 4) for s in rows.sum(dim=1)],
-    }
-
-
-def check_fingerprint(saved: dict, target: LoadedModel, where: str) -> None:
-    """Refuse a checkpoint trained for another target, saying what differs."""
-    current = target_fingerprint(target.model)
-    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
-        if saved.get(key) != current[key]:
-            raise SpecServeError(
-                f"block drafter {where} was trained for another target ({key} {saved.get(key)} vs "
-                f"{current[key]} in {target.path}): train one for this model with `specserve train-drafter`",
-                param="drafter",
-            )
-    a, b = saved.get("embedding_signature", []), current["embedding_signature"]
-    if len(a) != len(b) or any(not math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-2) for x, y in zip(a, b, strict=True)):
-        raise SpecServeError(
-            f"block drafter {where} was trained for another target (token embeddings differ from "
-            f"{target.path}): train one for this model with `specserve train-drafter`",
-            param="drafter",
-        )
-
-
-def save_checkpoint(path: Path, model: BlockDrafterModel, target: LoadedModel, meta: dict | None = None,
-                    dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the drafter's weights (in ``dtype``), config and target fingerprint to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": model.cfg.model_dump(mode="json"),
-        "target": target_fingerprint(target.model),
-        "state_dict": {k: v.to(dtype) for k, v in model.draft_state_dict().items()},
-        "meta": meta or {},
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
-    return path
-
-
-def read_checkpoint(path: Path) -> dict:
-    """The raw checkpoint dict, after checking that it is a block drafter checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecServeError(f"block drafter checkpoint not found: {path}", param="drafter")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
-        raise SpecServeError(f"cannot read block drafter checkpoint {path}: {e}", param="drafter") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SpecServeError(f"{path} is not a specserve block drafter checkpoint", param="drafter")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise SpecServeError(f"{path} has checkpoint version {ckpt.get('version')}; this specserve reads "
-                             f"version {CHECKPOINT_VERSION}", param="drafter")
-    return ckpt
-
-
-def load_model_from_checkpoint(path: Path, target: LoadedModel) -> BlockDrafterModel:
-    """The drafter network of a checkpoint, bound to ``target`` (refused if trained for another target)."""
-    ckpt = read_checkpoint(path)
-    check_fingerprint(ckpt["target"], target, str(path))
-    model = build_model(drafter_config(ckpt["config"]), target, init=False)
-    model.load_state_dict({k: v.to(target.dtype) for k, v in ckpt["state_dict"].items()})
-    return model.eval()
-
-
-def default_checkpoint() -> Path | None:
-    """The shipped block drafter for the embedded default model, or None when it is not installed."""
-    return DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None
-
-
-def load_block_drafter(cfg: DrafterConfig, target: LoadedModel) -> BlockDrafter:
-    """The block drafter ``cfg.path`` names (None: the shipped default), bound to ``target``."""
-    path = Path(cfg.path) if cfg.path else default_checkpoint()
-    if path is None:
-        raise SpecServeError("no default block drafter is installed: pass --drafter block:CHECKPOINT "
-                             "(train one with `specserve train-drafter`)", param="drafter")
-    return BlockDrafter(load_model_from_checkpoint(path, target))
-
-
-class _SeqState:
-    """Per sequence: cached context keys/values of every draft layer, and sampling state."""
-
-    def __init__(self, params: SamplingParams, generator: torch.Generator | None):
-        self.params = params
-        self.generator = generator
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.last_c: torch.Tensor | None = None  # [hidden] fused feature of the newest context position
-        self.length = 0  # committed tokens whose target features are in ``kv``
-
-
-class BlockDrafter(Drafter):
-    """Drafts ``block_size`` tokens per pass from target features, the newest token and masks."""
-
-    name = "block"
-
-    def __init__(self, model: BlockDrafterModel):
-        self.model = model
-        self.target_layers = tuple(model.cfg.target_layers)
-        self.block_size = model.cfg.block_size
-        # The pass costs about the same for any k up to block_size; spread it over the block.
-        self.draft_cost_per_token = DRAFT_PASS_COST / self.block_size
-        self.states: dict[str, _SeqState] = {}
-
-    @torch.inference_mode()
-    def start(self, seq_id, prompt_ids, params, target_hidden=None) -> None:
-        # A different seed stream from the target's, so draft and verify draws are independent.
-        gen = None if params.greedy else make_generator(None if params.seed is None else params.seed + 1)
-        self.states[seq_id] = _SeqState(params, gen)
-        if target_hidden is not None and len(target_hidden):
-            self._append(self.states[seq_id], target_hidden)
-
-    @torch.inference_mode()
-    def commit(self, seq_id, token_ids, target_hidden=None) -> None:
-        state = self.states.get(seq_id)
-        if state is not None and target_hidden is not None and len(target_hidden):
-            self._append(state, target_hidden)
-
-    def finish(self, seq_id: str) -> None:
-        self.states.pop(seq_id, None)
-
-    @torch.inference_mode()
-    def propose(self, seq_id: str, token_ids: list[int], k: int) -> DraftBlock:
-        state = self.states[seq_id]
-        k = min(k, self.block_size)
-        if k <= 0:
-            return DraftBlock([])
-        anchor_pos = len(token_ids) - 1
-        if state.length != anchor_pos:
-            raise RuntimeError(f"block drafter for {seq_id}: has target features for {state.length} tokens, "
-                               f"expected {anchor_pos} (all committed tokens but the newest)")
-        device = self.model.fc.weight.device
-        if state.kv is None:  # a one-token prompt: no context yet
-            state.kv = self._empty_kv(device)
-            state.last_c = torch.zeros(self.model.cfg.hidden_size, dtype=self.model.fc.weight.dtype, device=device)
-        ids = torch.tensor([[token_ids[-1]]], device=device)  # [1, 1]
-        pos = torch.tensor([[anchor_pos]], device=device)  # [1, 1]
-        hidden = self.model.block_hidden(state.kv, state.last_c[None, None], ids, pos)[0, 0, :k]  # [k, hidden]
-        logits = self.model.logits(hidden)  # [k, vocab]
-        if state.params.greedy:
-            return DraftBlock(logits.argmax(-1).tolist())
-        q = logits_to_probs(logits, state.params)  # [k, vocab]
-        # Positions are drawn independently: q_i does not depend on the other draft tokens.
-        tokens = torch.multinomial(q.cpu(), 1, generator=state.generator).squeeze(1)  # [k]
-        return DraftBlock(tokens.tolist(), q)
-
-    def _append(self, state: _SeqState, target_hidden: torch.Tensor) -> None:
-        device = self.model.fc.weight.device
-        n = target_hidden.shape[0]
-        positions = torch.arange(state.length, state.length + n, device=device)[None]  # [1, n]
-        c = self.model.fuse(target_hidden[None].to(device))  # [1, n, hidden]
-        new = self.model.context_kv(c, positions)
-        state.last_c = c[0, -1]
-        if state.kv is None:
-            state.kv = new
-        else:
-            state.kv = [(torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2))
-                        for (k, v), (nk, nv) in zip(state.kv, new, strict=True)]
-        state.length += n
-
-    def _empty_kv(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        cfg, dtype = self.model.cfg, self.model.fc.weight.dtype
-        shape = (1, cfg.num_kv_heads, 0, cfg.hidden_size // cfg.num_heads)
-        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                for _ in self.model.layers]
