@@ -30,7 +30,7 @@ from deployments.openai_api import (
     parse,
     sse,
 )
-from specserve.config import SamplingParams
+from specserve.config import SamplingParams, check_engine_fits
 from specserve.errors import ErrorInfo, SpecServeError
 from specserve.models import ModelInfo
 from specserve.outputs import StreamChunk
@@ -46,10 +46,13 @@ class SpecRouter:
     """One model replica: a core with its own draft workers and target groups."""
 
     async def __init__(self, config: dict):
-        from actors.router import RouterCore
-
         pin_serve_grpc_to_loopback()
-        self.core = RouterCore(ReplicaConfig.model_validate(config))
+        replica = ReplicaConfig.model_validate(config)
+        if replica.model.engine == "vllm":
+            from actors.vllm_core import VllmCore as Core
+        else:
+            from actors.router import RouterCore as Core
+        self.core = Core(replica)
         await self.core.start()
 
     async def generate(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[StreamChunk]:
@@ -236,6 +239,7 @@ def deployment_options(config: AppConfig) -> dict[str, dict]:
 def build_app(args: dict | None = None) -> Application:
     """Application builder for ``serveConfigV2``: validates ``args`` as AppConfig."""
     config = AppConfig.from_args(args)
+    check_engine_fits(config.model, config.drafter)
     opts = deployment_options(config)
     log.info("specserve deployment options: %s", opts)
     router = SpecRouter.options(**opts["SpecRouter"]).bind(config.replica().model_dump(mode="json"))
