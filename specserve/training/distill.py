@@ -98,6 +98,8 @@ class Session:
     report: Callable[[int, dict, Path | None], None] | None = None
     #: A directory holding a state.pt to resume from, if any (Ray Train's checkpoint); else out_dir.
     resume_dir: Path | None = None
+    #: Copy rank 0's tensors to every rank (in place) after loading; None: a single worker.
+    broadcast: Callable[[list[torch.Tensor]], None] | None = None
 
 
 @dataclass
@@ -225,8 +227,12 @@ def distill(cfg: DistillConfig, *, target: LoadedModel | None = None, session: S
         model.set_draft_vocab(vocab.to(model.draft_vocab.device))
         if session.rank == 0:
             (out / VOCAB).write_text(json.dumps(info))
-    start_step = step
     model.to(cfg.device)
+    if session.broadcast is not None:  # every rank starts from rank 0's weights, step and stream position
+        progress_t = torch.tensor([step, tokens_seen, next_conv], dtype=torch.long, device=cfg.device)
+        session.broadcast([*model.state_dict().values(), progress_t])
+        step, tokens_seen, next_conv = (int(x) for x in progress_t)
+    start_step = step
     stream = chunk_stream(target.tokenizer, conversations_fn(), cfg.seq_len, max_chunks=cfg.max_chunks,
                           start=next_conv, rank=session.rank, world_size=session.world_size)
     log_f = open(out / LOG, "a", encoding="utf-8") if session.rank == 0 else None

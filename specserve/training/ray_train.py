@@ -35,6 +35,14 @@ def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
+def _broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` on every rank with rank 0's values."""
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.broadcast(t, src=0)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: build a Session from Ray's context and run the distillation loop."""
     import ray.train
@@ -45,7 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.device.startswith("cuda"):
         cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = None
+    resume_dir = cfg.out_dir  # without a Ray Train checkpoint: the run directory's own state, if any
     if checkpoint is not None:
         resume_dir = Path(tempfile.mkdtemp(prefix="specserve-resume-"))
         with checkpoint.as_directory() as d:
@@ -63,8 +71,10 @@ def train_loop_per_worker(config: dict) -> None:
                 shutil.copy(written / name, Path(tmp) / name)
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    distill(cfg, session=Session(rank=rank, world_size=world, all_reduce=_all_reduce_mean if world > 1 else None,
-                                 report=report, resume_dir=resume_dir), progress=rank == 0)
+    multi = world > 1
+    session = Session(rank=rank, world_size=world, all_reduce=_all_reduce_mean if multi else None, report=report,
+                      resume_dir=resume_dir, broadcast=_broadcast_from_rank0 if multi else None)
+    distill(cfg, session=session, progress=rank == 0)
 
 
 def run_ray_train(cfg: DistillConfig, *, num_workers: int, use_gpu: bool = False,
