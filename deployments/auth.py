@@ -30,7 +30,8 @@ from fastapi.responses import JSONResponse
 from deployments.openai_api import error_body
 from specserve.errors import SpecServeError
 
-log = logging.getLogger("specserve.auth")
+# Serve's logger: its records land in the ingress replica's log (Serve configures no other logger there).
+log = logging.getLogger("ray.serve")
 
 #: Comma-separated API keys.
 KEYS_ENV = "SPECSERVE_API_KEYS"
