@@ -78,7 +78,14 @@ def add_parser(subparsers) -> None:
     e.add_argument("--adaptive", action="store_true", help="adaptive k instead of a fixed k")
     e.add_argument("--max-tokens", type=int, default=128)
     e.add_argument("--out", required=True, help="output directory (results.json, eval.json, speedup.png)")
+    e.add_argument("--record", default=None, help="distillation run directory: append this measurement to its "
+                   "stretches.jsonl (the learning curve)")
     e.set_defaults(handler=cmd_eval)
+
+    c = subparsers.add_parser("drafter-curve", help="plot a distillation run's learning curve")
+    c.add_argument("run", help="distillation run directory (log.jsonl, stretches.jsonl)")
+    c.add_argument("--out", required=True, help="PNG file to write")
+    c.set_defaults(handler=cmd_curve)
 
 
 def parse_losses(spec: str) -> dict[str, float]:
@@ -216,4 +223,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         acc = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"])
         print(f"{name:<12}{r['prompts']:>8}{r['mean_accepted_length']:>7.2f}{r['speedup']:>8.2f}x  {acc}")
     print(f"wrote {Path(args.out) / 'eval.json'}")
+    if args.record:
+        record_stretch(Path(args.record), Path(args.checkpoint), report)
+    return 0
+
+
+def record_stretch(run_dir: Path, checkpoint: Path, report: dict) -> None:
+    """Append one point of the learning curve: tokens seen by ``checkpoint`` and its measured MAL."""
+    from specserve.drafters.block import read_checkpoint
+    from specserve.training.curve import STRETCHES
+
+    meta = read_checkpoint(checkpoint).get("meta", {})
+    results = report["results"]
+    blocks = sum(r["prompts"] for r in results.values())
+    pooled = sum(r["mean_accepted_length"] * r["prompts"] for r in results.values()) / max(blocks, 1)
+    point = {"step": meta.get("step"), "tokens_seen": meta.get("tokens_seen", 0), "mean_accepted_length":
+             round(pooled, 4), "sets": {name: r["mean_accepted_length"] for name, r in results.items()}}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / STRETCHES, "a", encoding="utf-8") as f:
+        f.write(json.dumps(point) + "\n")
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    """Plot the learning curve of a run directory."""
+    from specserve.training.curve import plot_curve
+
+    if not (Path(args.run) / "log.jsonl").exists():
+        raise SpecServeError(f"{args.run} has no log.jsonl: not a distillation run directory", param="run")
+    print(f"wrote {plot_curve(Path(args.run), Path(args.out))}")
     return 0
