@@ -27,6 +27,7 @@ FLAG_NAMES = {
     "prompt": "PROMPT",
     "prompts": "--prompts",
     "dtype": "--dtype",
+    "engine": "--engine",
 }
 
 
@@ -35,6 +36,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--engine", choices=["hf", "vllm"], default=None,
+                   help="target engine: hf (transformers) or vllm (default: the config's default)")
 
 
 def _drafter_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -81,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="YAML file validated as deployments.config.AppConfig")
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--host", default=None)
+    s.add_argument("--engine", choices=["hf", "vllm"], default=None, help="target engine (overrides the config)")
 
     for module in ("specserve.training.cli", "specserve.dashboards", "deployments.bench"):
         _add_module_commands(sub, module)
@@ -113,8 +117,9 @@ def _default_drafter(model: str = "default") -> str:
 def _engine_config(args: argparse.Namespace, drafter_spec: str):
     from specserve.config import EngineConfig, ModelConfig, parse_drafter, validated
 
-    model = validated(ModelConfig, {"model": args.model, "dtype": args.dtype, "device": args.device,
-                                    "num_threads": args.threads})
+    fields = {"model": args.model, "dtype": args.dtype, "device": args.device, "num_threads": args.threads,
+              "engine": getattr(args, "engine", None)}
+    model = validated(ModelConfig, {k: v for k, v in fields.items() if v is not None or k == "num_threads"})
     drafter = parse_drafter(drafter_spec, num_speculative_tokens=args.k,
                             adaptive_k=False if args.no_adaptive else None)
     return EngineConfig(model=model, drafter=drafter)
@@ -137,6 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise SpecServeError("prompt is empty: pass some text to continue", param="prompt")
     cfg = _engine_config(args, args.drafter or _default_drafter(args.model))
+    if cfg.model.engine == "vllm":
+        return _generate_vllm(args, cfg, params)
     engine = SpecEngine.from_config(cfg)
     result = engine.generate(args.prompt, params, chat=args.chat)
     if args.json:
@@ -149,6 +156,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_vllm(args: argparse.Namespace, cfg, params) -> int:
+    """``generate --engine vllm``: one completion through a vLLM engine (remote drafting starts a
+    local Ray on 127.0.0.1 for the draft worker)."""
+    import asyncio
+    import time
+
+    from actors.config import ReplicaConfig
+    from actors.vllm_core import VllmCore
+
+    core = VllmCore(ReplicaConfig(model=cfg.model, drafter=cfg.drafter))
+    if core.remote_drafting:
+        from cluster.local import init_local_ray, use_loopback
+
+        use_loopback()
+        init_local_ray()
+
+    async def run() -> dict:
+        await core.start()
+        ids = core.info.encode(args.prompt, chat=args.chat)
+        t0, tokens, text, last = time.perf_counter(), [], "", None
+        async for chunk in core.generate(ids, params):
+            tokens += chunk.token_ids
+            text += chunk.text
+            last = chunk
+        seconds = time.perf_counter() - t0
+        return {"text": text, "token_ids": tokens, "finish_reason": last.finish_reason, "stats": last.stats,
+                "tokens_per_s": len(tokens) / seconds, "engine": "vllm", "drafter": cfg.drafter.spec()}
+
+    try:
+        result = asyncio.run(run())
+    finally:
+        core.shutdown()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+        print(f"[{len(result['token_ids'])} tokens, {result['tokens_per_s']:.1f} tok/s, engine vllm, drafter "
+              f"{result['drafter']}]", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and print the overall table."""
     from specserve.bench import BenchSpec, markdown_table, run_bench
@@ -157,6 +205,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.engine import SpecEngine
 
     params = _sampling(args)
+    if args.engine == "vllm":
+        raise SpecServeError("the in-process benchmark runs engine hf; measure engine vllm with "
+                             "`specserve bench-serve --engine vllm`", param="engine")
     specs = args.drafter or [_default_drafter(args.model)]
     prompts = []
     for source in args.prompts:
@@ -178,7 +229,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     use_loopback()  # before Ray is imported: its sockets bind where the environment says
     from deployments.serve_local import serve_forever
 
-    return serve_forever(args.config, host=args.host, port=args.port)
+    return serve_forever(args.config, host=args.host, port=args.port, engine=args.engine)
 
 
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}
