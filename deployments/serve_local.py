@@ -20,9 +20,12 @@ def start(config: AppConfig, app_name: str = APP_NAME) -> None:
     wait_until_ready(app_name)
 
 
-def serve_forever(config_path: str | None, host: str | None = None, port: int | None = None) -> int:
+def serve_forever(config_path: str | None, host: str | None = None, port: int | None = None,
+                  engine: str | None = None) -> int:
     """Run until SIGINT/SIGTERM. Binds 127.0.0.1:8000 unless the config or flags say otherwise."""
     data = load_yaml(config_path) if config_path else {}
+    if engine:
+        data.setdefault("model", {})["engine"] = engine
     if host or port:
         data.setdefault("serve", {})
         data["serve"].update({k: v for k, v in (("host", host), ("port", port)) if v})
