@@ -1,141 +1,247 @@
-"""``specserve bench-serve``: served tokens/s through Ray Serve at several concurrencies.
+"""``specserve bench-serve``: served tokens/s through the OpenAI API at several concurrencies.
 
-For each configuration (plain decoding, speculative with pipelining on and off) the app is
-deployed on a local Ray (127.0.0.1), then the same prompts are sent by 1, 4, 16... streaming
-clients; the in-process engine runs the same prompts one at a time in the same run, which
-gives the per-token overhead of the actor hops. Writes ``results.json`` and ``serving.png``.
+For each configuration (engine hf / vllm x drafters, plus the server's defaults as ``make
+serve`` runs them) the app is deployed on a local Ray (127.0.0.1); as peers in the same run,
+``vllm serve`` itself is started on the same model, plain and with its n-gram speculation.
+The same prompts are sent by 1, 4, 16... streaming clients using the official ``openai``
+client. Optionally the in-process hf engine runs the same prompts one at a time, which gives
+the per-token overhead of the actor hops. Writes ``results.json``, ``table.md`` and
+``serving.png``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
+import os
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from tqdm import tqdm
 
 from cluster.local import LOOPBACK
 
+#: Model name every server under test answers to.
+SERVED_NAME = "bench"
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float, float]:
-    """One streaming request: (completion tokens, seconds, time to first token)."""
+
+@dataclass
+class Target:
+    """One server configuration under test."""
+
+    label: str
+    app_args: dict | None = None  # build_app args; None for a `vllm serve` peer
+    peer_spec: dict | None = None  # `vllm serve` speculative config (None = plain) when app_args is None
+    drafter: dict = field(default_factory=dict)  # for the in-process baseline (engine hf only)
+
+
+# ------------------------------------------------------------------------------- configurations
+
+
+def drafter_from_spec(spec: str, k: int, adaptive: bool) -> dict:
+    """``none | ngram | draft_model:PATH | vllm:METHOD[:PATH]`` as DrafterConfig fields."""
+    kind, _, path = spec.partition(":")
+    if kind == "vllm":
+        method, _, model_path = path.partition(":")
+        return {"kind": "ngram", "vllm_method": method, "path": model_path or None, "num_speculative_tokens": k,
+                "adaptive_k": adaptive}
+    if kind == "none":
+        return {"kind": "none", "num_speculative_tokens": 0}
+    return {"kind": kind, "path": path or None, "num_speculative_tokens": k, "adaptive_k": adaptive}
+
+
+def build_targets(args) -> list[Target]:
+    """Every configuration the arguments ask for, in run order."""
+    model = {"model": args.model, "dtype": args.dtype}
+    threads = {"num_threads": args.threads}
+    topology = {"draft_worker": threads, "target_rank": threads}
+    targets = [Target("default (make serve)", {"serve": {"model_name": SERVED_NAME}})] if args.default else []
+    for engine in args.engine:
+        for spec in ["none", *args.drafter]:
+            if spec.startswith("vllm:") and engine != "vllm":
+                continue
+            drafter = drafter_from_spec(spec, args.k, not args.no_adaptive)
+            base = {"model": {**model, "engine": engine}, "drafter": drafter, "topology": topology,
+                    "serve": {"model_name": SERVED_NAME}}
+            label = f"{engine} {spec if not spec.startswith('draft_model') else 'draft_model'}"
+            costly = drafter["kind"] == "draft_model" and drafter.get("vllm_method", "remote") == "remote"
+            if not costly:  # free drafting is never pipelined (see RouterConfig.pipelining)
+                targets.append(Target(label, _with_pipelining(base, engine, False), drafter=drafter))
+                continue
+            for on in (True, False):
+                targets.append(Target(f"{label} {'pipelined' if on else 'sequential'}",
+                                      _with_pipelining(base, engine, on), drafter=drafter))
+    if args.vllm_peers:
+        targets.append(Target("`vllm serve` plain"))
+        targets.append(Target(f"`vllm serve` ngram k={args.peer_k}",
+                              peer_spec={"method": "ngram", "num_speculative_tokens": args.peer_k,
+                                         "prompt_lookup_max": 4, "prompt_lookup_min": 1}))
+    return targets
+
+
+def _with_pipelining(base: dict, engine: str, on: bool) -> dict:
+    if engine == "vllm":
+        return {**base, "model": {**base["model"], "vllm": {"pipelining": on}}}
+    return {**base, "router": {"pipelining": on}}
+
+
+# ------------------------------------------------------------------------------------- the load
+
+
+async def _stream(client, messages: list[dict], max_tokens: int) -> tuple[int, float, float]:
+    """One streaming chat request with the official client: (completion tokens, seconds, TTFT)."""
     t0 = time.perf_counter()
     ttft, tokens = None, 0
-    async with client.stream("POST", url, json={**body, "stream": True,
-                                                "stream_options": {"include_usage": True}}) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            if ttft is None and event.get("choices"):
-                ttft = time.perf_counter() - t0
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+    stream = await client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=max_tokens,
+                                                  temperature=0, stream=True,
+                                                  stream_options={"include_usage": True})
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - t0
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
     return tokens, time.perf_counter() - t0, ttft or 0.0
 
 
-async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as client:
-        async def one(body):
-            async with sem:
-                return await _stream(client, url, body)
+async def _load(port: int, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+    from openai import AsyncOpenAI
 
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*[one(b) for b in bodies])
-        wall = time.perf_counter() - t0
+    client = AsyncOpenAI(base_url=f"http://{LOOPBACK}:{port}/v1", api_key="unused", timeout=900, max_retries=0)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str):
+        async with sem:
+            return await _stream(client, [{"role": "user", "content": prompt}], max_tokens)
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*[one(p) for p in prompts])
+    wall = time.perf_counter() - t0
+    await client.close()
     tokens = sum(r[0] for r in results)
-    return {"concurrency": concurrency, "requests": len(bodies), "tokens": tokens, "seconds": wall,
+    return {"concurrency": concurrency, "requests": len(prompts), "tokens": tokens, "seconds": wall,
             "tokens_per_s": tokens / wall, "mean_ttft_s": sum(r[2] for r in results) / len(results)}
 
 
-def run(args) -> int:
-    """Entry point of ``specserve bench-serve``."""
-    import torch
+def measure(label: str, port: int, prompts: list[str], args) -> list[dict]:
+    """Warm up, then the prompt set at every concurrency (at least twice the streams in requests)."""
+    asyncio.run(_load(port, prompts[:1], 8, 1))
+    rows = []
+    for conc in args.concurrency:
+        n = max(conc * 2, len(prompts))
+        row = asyncio.run(_load(port, [prompts[i % len(prompts)] for i in range(n)], args.max_tokens, conc))
+        rows.append(row)
+        print(f"{label:<36} c={conc:<3} {row['tokens_per_s']:7.1f} tok/s  ttft {row['mean_ttft_s']:.3f} s",
+              flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- servers
+
+
+def run_app(target: Target, prompts: list[str], args) -> tuple[list[dict], dict]:
+    """Deploy our app with the target's args on the running Serve, measure it, delete it."""
     from ray import serve
 
-    from cluster.local import init_local_ray
     from deployments.app import build_app, wait_until_ready
+
+    t0 = time.time()
+    serve.run(build_app(target.app_args), name=SERVED_NAME, route_prefix="/", blocking=False)
+    wait_until_ready(SERVED_NAME, timeout_s=900)
+    rows = measure(target.label, args.port, prompts, args)
+    serve.delete(SERVED_NAME)
+    return rows, _proposer_stats_since(t0)
+
+
+def _proposer_stats_since(t0: float) -> dict:
+    """The remote vLLM proposer's counters written during this run (see VllmCore.drafting_stats)."""
+    import tempfile
+
+    files = [f for f in glob.glob(os.path.join(tempfile.gettempdir(), "specserve-proposer-*.json"))
+             if os.path.getmtime(f) >= t0]
+    if not files:
+        return {}
+    stats = json.loads(Path(max(files, key=os.path.getmtime)).read_text())
+    if stats.get("steps"):
+        stats["ms_per_step"] = 1000 * stats["wait_s"] / stats["steps"]
+    return stats
+
+
+def run_vllm_peer(target: Target, prompts: list[str], args, model_dir: str, dtype: str) -> list[dict]:
+    """`vllm serve` on the same model as a subprocess on 127.0.0.1, measured like our server."""
+    import httpx
+
+    port = args.port + 1
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", SERVED_NAME, "--host", LOOPBACK, "--port", str(port), "--dtype", dtype,
+           "--disable-log-stats"]
+    if target.peer_spec:
+        cmd += ["--speculative-config", json.dumps(target.peer_spec)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    log = open(Path(args.out) / f"vllm-serve-{'ngram' if target.peer_spec else 'plain'}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"http://{LOOPBACK}:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        args_port, args.port = args.port, port
+        try:
+            return measure(target.label, port, prompts, args)
+        finally:
+            args.port = args_port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def in_process_baseline(targets: list[Target], encoded: list[list[int]], args, model: dict) -> dict:
+    """The in-process hf engine on the same prompts one at a time: tok/s per drafter."""
     from specserve.config import DrafterConfig, EngineConfig, ModelConfig, SamplingParams
-    from specserve.data import load_prompts
     from specserve.engine import SpecEngine
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = []
-    for source in args.prompts:
-        prompts += load_prompts(source)[: args.limit]
-    model = {"model": args.model, "dtype": args.dtype}
-    configs = {"plain": ({"kind": "none", "num_speculative_tokens": 0}, {"pipelining": False})}
-    for spec in args.drafter:
-        kind, _, path = spec.partition(":")
-        drafter = {"kind": kind, "path": path or None, "num_speculative_tokens": args.k,
-                   "adaptive_k": not args.no_adaptive}
-        label = kind if kind != "draft_model" else f"draft_model:{Path(path).name}"
-        if kind == "ngram":  # free drafting is never pipelined (see RouterConfig.pipelining)
-            configs[label] = (drafter, {"pipelining": False})
-        else:
-            configs[f"{label} pipelined"] = (drafter, {"pipelining": True})
-            configs[f"{label} sequential"] = (drafter, {"pipelining": False})
-
-    # In-process engine on the same prompts, one at a time: the baseline for actor-hop overhead.
-    engine_cfg = EngineConfig(model=ModelConfig(**model), drafter=DrafterConfig(kind="none",
-                                                                                 num_speculative_tokens=0))
-    engine = SpecEngine.from_config(engine_cfg)
+    engine = SpecEngine.from_config(EngineConfig(model=ModelConfig(**model),
+                                                 drafter=DrafterConfig(kind="none", num_speculative_tokens=0)))
     params = SamplingParams(max_tokens=args.max_tokens)
-    encoded = [engine.info.encode(p["prompt"], chat=True) for p in prompts]
     engine.generate(encoded[0], params.model_copy(update={"max_tokens": 4}))
-    in_process = {}
-    for name, (drafter, _) in configs.items():
-        eng = engine.with_drafter(DrafterConfig.model_validate(drafter))
+    out = {}
+    for t in targets:
+        if not t.app_args or t.app_args.get("model", {}).get("engine") != "hf":
+            continue
+        eng = engine.with_drafter(DrafterConfig.model_validate(t.drafter))
         t0, tokens = time.perf_counter(), 0
-        # The same prompts, in the same order, as the served run at the lowest concurrency.
-        n_first = max(args.concurrency[0] * 2, args.requests)
-        for ids in tqdm([encoded[i % len(encoded)] for i in range(n_first)], desc=f"in-process {name}"):
+        for ids in tqdm(encoded, desc=f"in-process {t.label}"):
             tokens += len(eng.generate(ids, params).token_ids)
-        in_process[name] = {"tokens": tokens, "seconds": time.perf_counter() - t0}
-        in_process[name]["tokens_per_s"] = tokens / in_process[name]["seconds"]
-    del engine
+        seconds = time.perf_counter() - t0
+        out[t.label] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return out
 
-    init_local_ray(num_cpus=8)
-    serve.start(http_options={"host": LOOPBACK, "port": args.port})
-    results: dict = {"config": {"model": model, "max_tokens": args.max_tokens, "prompts": len(prompts),
-                                "k": args.k}, "in_process": in_process, "served": {}}
-    url = f"http://{LOOPBACK}:{args.port}/v1/chat/completions"
-    for name, (drafter, router) in configs.items():
-        threads = {"num_threads": args.threads}
-        app = build_app({"model": model, "drafter": drafter, "router": router,
-                         "topology": {"draft_worker": threads, "target_rank": threads},
-                         "serve": {"model_name": "bench"}})
-        serve.run(app, name="bench", route_prefix="/", blocking=False)
-        wait_until_ready("bench")
-        rows = []
-        for conc in args.concurrency:
-            n = max(conc * 2, args.requests)
-            bodies = [{"model": "bench", "messages": [{"role": "user", "content": prompts[i % len(prompts)]["prompt"]}],
-                       "max_tokens": args.max_tokens, "temperature": 0} for i in range(n)]
-            asyncio.run(_load(url, bodies[:1], 1))  # warm-up
-            row = asyncio.run(_load(url, bodies, conc))
-            rows.append(row)
-            print(f"{name:<34} c={conc:<3} {row['tokens_per_s']:7.1f} tok/s  ttft {row['mean_ttft_s']:.3f} s",
-                  flush=True)
-        results["served"][name] = rows
-        serve.delete("bench")
-    serve.shutdown()
+
+# -------------------------------------------------------------------------------------- report
+
+
+def markdown_table(results: dict) -> str:
+    """One row per server: tok/s and mean TTFT at each concurrency."""
+    concs = [r["concurrency"] for r in next(iter(results["served"].values()))]
+    head = "| server | " + " | ".join(f"{c} stream{'s' if c > 1 else ''} tok/s (TTFT s)" for c in concs) + " |"
+    lines = [head, "|---|" + "---|" * len(concs)]
     for name, rows in results["served"].items():
-        c1 = rows[0]
-        per_token_served = c1["seconds"] / c1["tokens"]
-        per_token_engine = 1 / in_process[name]["tokens_per_s"]
-        results["served"][name][0]["actor_overhead_ms_per_token"] = 1000 * (per_token_served - per_token_engine)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    _plot(results, out / "serving.png")
-    return 0
+        cells = " | ".join(f"{r['tokens_per_s']:.1f} ({r['mean_ttft_s']:.2f})" for r in rows)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -144,34 +250,92 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for name, rows in results["served"].items():
         ax.plot([r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("served tokens/s (all streams)")
-    ax.set_title(f"{results['config']['model']['model']} {results['config']['model']['dtype']} via Ray Serve")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{results['config']['model']['model']} {results['config']['model']['dtype']}, OpenAI client")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def run(args) -> int:
+    """Entry point of ``specserve bench-serve``."""
+    import torch
+    from ray import serve
+
+    from cluster.local import init_local_ray
+    from specserve.config import ModelConfig
+    from specserve.data import load_prompts
+    from specserve.models import ModelInfo, resolve_dtype
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = [p["prompt"] for source in args.prompts for p in load_prompts(source)[: args.limit]]
+    model = {"model": args.model, "dtype": args.dtype}
+    info = ModelInfo.load(ModelConfig(**model))
+    targets = build_targets(args)
+    results: dict = {"config": {"model": model, "max_tokens": args.max_tokens, "prompts": len(prompts),
+                                "k": args.k, "command": " ".join(sys.argv)}, "served": {}, "proposer": {}}
+    if args.in_process:
+        encoded = [info.encode(p, chat=True) for p in prompts]
+        results["in_process"] = in_process_baseline(targets, encoded, args, model)
+
+    init_local_ray(num_cpus=8)
+    serve.start(http_options={"host": LOOPBACK, "port": args.port})
+    dtype = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}[
+        str(resolve_dtype(args.dtype, "cpu"))]
+    for target in targets:
+        if target.app_args is not None:
+            rows, stats = run_app(target, prompts, args)
+            if stats:
+                results["proposer"][target.label] = stats
+        else:
+            rows = run_vllm_peer(target, prompts, args, info.path, dtype)
+        results["served"][target.label] = rows
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    serve.shutdown()
+    for name, base in results.get("in_process", {}).items():
+        c1 = results["served"][name][0]
+        c1["actor_overhead_ms_per_token"] = 1000 * (c1["seconds"] / c1["tokens"] - 1 / base["tokens_per_s"])
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(markdown_table(results))
+    print(markdown_table(results))
+    _plot(results, out / "serving.png")
+    return 0
+
+
 def add_parser(sub) -> None:
     """Register ``specserve bench-serve``."""
-    p = sub.add_parser("bench-serve", help="served tokens/s at several concurrencies, speculative vs plain")
+    p = sub.add_parser("bench-serve", help="served tokens/s at several concurrencies, engines x drafters, "
+                       "beside `vllm serve`")
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--drafter", action="append", default=None, help="drafter spec (repeatable); default ngram")
+    p.add_argument("--engine", action="append", choices=["hf", "vllm"], default=None,
+                   help="target engine (repeatable; default hf)")
+    p.add_argument("--drafter", action="append", default=None,
+                   help="none | ngram | draft_model:PATH | vllm:METHOD[:PATH] (vLLM's own, engine vllm only); "
+                   "repeatable; default ngram. Plain decoding is always measured.")
     p.add_argument("--k", type=int, default=6)
     p.add_argument("--no-adaptive", action="store_true", help="fixed k instead of adaptive k")
     p.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per source")
+    p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least 2x it)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="our server's port; `vllm serve` uses the next one")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine and each actor")
+    p.add_argument("--no-default", dest="default", action="store_false",
+                   help="skip the server's default configuration (what `make serve` runs)")
+    p.add_argument("--no-vllm-peers", dest="vllm_peers", action="store_false",
+                   help="skip `vllm serve` plain and n-gram")
+    p.add_argument("--peer-k", type=int, default=4, help="k of `vllm serve`'s n-gram peer")
+    p.add_argument("--in-process", action="store_true",
+                   help="also run the in-process hf engine (actor-hop overhead per token)")
     p.add_argument("--out", required=True)
 
     def handler(args):
@@ -179,6 +343,7 @@ def add_parser(sub) -> None:
 
         use_loopback()
         args.drafter = args.drafter or ["ngram"]
+        args.engine = args.engine or ["hf"]
         return run(args)
 
     p.set_defaults(handler=handler)
