@@ -39,7 +39,7 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
     """Run the benchmark and write ``results.json`` and ``speedup.png`` under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     baseline = engine.with_drafter(DrafterConfig(kind="none", num_speculative_tokens=0))
-    engines = {BASELINE: baseline} | {d.spec(): engine.with_drafter(d) for d in spec.drafters}
+    engines = {BASELINE: baseline} | {method_name(d): engine.with_drafter(d) for d in spec.drafters}
     methods = list(engines) + (list(PEERS) if spec.peers else [])
     encoded = []
     for rec in prompts:
@@ -54,11 +54,17 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
         row: dict = {"id": rec["id"], "set": rec.get("set", ""), "prompt_tokens": len(ids), "runs": {}}
         for name in methods:
             if name in engines:
+                drafter = engines[name].drafter
+                is_tree = hasattr(drafter, "num_nodes")  # a TreeDrafter counts the nodes it proposes
+                nodes_before = drafter.num_nodes if is_tree else 0
                 r = engines[name].generate(ids, spec.params)
+                s = r.stats
                 run = {"tokens": len(r.token_ids), "seconds": r.elapsed_s, "token_ids": r.token_ids,
-                       "mean_accepted_length": r.stats.mean_accepted_length,
-                       "acceptance_by_position": r.stats.acceptance_by_position(),
-                       "stats": r.stats.to_dict()}
+                       "mean_accepted_length": s.mean_accepted_length,
+                       "acceptance_by_position": s.acceptance_by_position(),
+                       # Draft tokens verified: tree nodes for trees, block tokens for chains.
+                       "nodes_verified": drafter.num_nodes - nodes_before if is_tree else s.num_draft_tokens,
+                       "stats": s.to_dict()}
             else:
                 run = _run_peer(engine, ids, spec, name)
             run["tokens_per_s"] = run["tokens"] / run["seconds"] if run["seconds"] else 0.0
@@ -89,6 +95,7 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out_dir / "speedup.png")
+    plot_acceptance(results, out_dir / "acceptance.png")
     return results
 
 
@@ -129,7 +136,35 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
             "matches_baseline": sum(r["matches_baseline"] for r in runs) / len(runs),
             "prompts": len(runs),
         }
+        if all("stats" in r for r in runs):
+            out[m].update(_pooled(runs))
     return out
+
+
+def _pooled(runs: list[dict]) -> dict:
+    """Speculation figures pooled over runs (sums of counters, not means of per-prompt ratios)."""
+    stats = [r["stats"] for r in runs]
+    drafts = sum(st["num_drafts"] for st in stats)
+    steps = sum(st["num_steps"] for st in stats)
+    accepted, drafted = [], []
+    for st in stats:
+        for i, (a, d) in enumerate(zip(st["accepted_per_position"], st["drafted_per_position"])):
+            if i == len(accepted):
+                accepted.append(0)
+                drafted.append(0)
+            accepted[i] += a
+            drafted[i] += d
+    return {
+        "pooled_accepted_length": 1 + sum(st["num_accepted_tokens"] for st in stats) / drafts if drafts else 1.0,
+        "acceptance_by_depth": [a / d if d else 0.0 for a, d in zip(accepted, drafted)],
+        "verify_ms_per_pass": 1000 * sum(st["verify_time_s"] for st in stats) / steps if steps else 0.0,
+        "nodes_per_draft": sum(r["nodes_verified"] for r in runs) / drafts if drafts else 0.0,
+    }
+
+
+def method_name(d: DrafterConfig) -> str:
+    """How results name a drafter: its spec, plus the tree budget when it drafts trees."""
+    return f"{d.spec()}+tree{d.tree.max_nodes}" if d.tree.max_nodes else d.spec()
 
 
 def _tps(rows: list[dict], method: str) -> float:
@@ -179,4 +214,46 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {set_name} ({m['prompts']}) | {method} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x "
                          f"| {m['median_speedup']:.2f}x | {m['min_speedup']:.2f}x | {m['mean_accepted_length']:.2f} "
                          f"| {m['matches_baseline']:.0%} |")
+    return "\n".join(lines)
+
+
+def plot_acceptance(results: dict, path: Path) -> None:
+    """Acceptance by depth (share of drafts whose token at depth d was accepted) per drafting method,
+    and the mean verification time per target pass, per prompt set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = {**results["by_set"], "all": results["overall"]}
+    methods = [m for m in results["methods"] if m != BASELINE and "acceptance_by_depth" in results["overall"].get(m, {})]
+    if not methods:
+        return
+    fig, axes = plt.subplots(1, len(summaries), figsize=(4.2 * len(summaries), 3.8), sharey=True, squeeze=False)
+    for ax, (set_name, summary) in zip(axes[0], summaries.items()):
+        for m in methods:
+            by_depth = summary[m]["acceptance_by_depth"]
+            ax.plot(range(1, len(by_depth) + 1), by_depth, marker="o", markersize=3,
+                    label=f"{m}: {summary[m]['pooled_accepted_length']:.2f} tok/pass, "
+                    f"{summary[m]['verify_ms_per_pass']:.0f} ms/pass")
+        ax.set_title(f"{set_name} ({summary[methods[0]]['prompts']} prompts)")
+        ax.set_xlabel("draft depth")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("acceptance rate at depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tree_table(results: dict) -> str:
+    """Chain against tree per prompt set as a markdown table (methods that verify drafts only)."""
+    lines = ["| prompts | method | mean accepted length | pooled | draft tokens / pass | verify ms / pass "
+             "| tokens/s | output = plain |", "|---|---|---|---|---|---|---|---|"]
+    for set_name, summary in {**results["by_set"], "all": results["overall"]}.items():
+        for method, m in summary.items():
+            if method == BASELINE or "pooled_accepted_length" not in m:
+                continue
+            lines.append(f"| {set_name} ({m['prompts']}) | {method} | {m['mean_accepted_length']:.2f} "
+                         f"| {m['pooled_accepted_length']:.2f} | {m['nodes_per_draft']:.1f} "
+                         f"| {m['verify_ms_per_pass']:.1f} | {m['tokens_per_s']:.1f} | {m['matches_baseline']:.0%} |")
     return "\n".join(lines)

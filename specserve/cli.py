@@ -28,6 +28,10 @@ FLAG_NAMES = {
     "prompts": "--prompts",
     "dtype": "--dtype",
     "engine": "--engine",
+    "drafter.tree.max_nodes": "--tree-nodes",
+    "drafter.tree.branching": "--tree-branching",
+    "drafter.tree.max_depth": "--tree-depth",
+    "drafter.tree.min_path_prob": "--tree-min-prob",
 }
 
 
@@ -46,6 +50,12 @@ def _drafter_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
                    + (" (repeatable)" if multiple else ""))
     p.add_argument("--k", type=int, default=None, help="draft tokens per block (num_speculative_tokens)")
     p.add_argument("--no-adaptive", action="store_true", help="fixed k instead of adaptive k")
+    p.add_argument("--tree-nodes", type=int, default=None,
+                   help="draft trees of up to N nodes (0 = chains)" + (": bench runs chain and tree" if multiple else ""))
+    p.add_argument("--tree-branching", type=int, default=None, help="most children per tree node")
+    p.add_argument("--tree-depth", type=int, default=None, help="deepest tree path (k caps it too)")
+    p.add_argument("--tree-min-prob", type=float, default=None, help="drop tree paths the drafter finds less likely")
+    p.add_argument("--no-tree-adaptive", action="store_true", help="keep the node budget fixed")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -121,8 +131,16 @@ def _engine_config(args: argparse.Namespace, drafter_spec: str):
               "engine": getattr(args, "engine", None)}
     model = validated(ModelConfig, {k: v for k, v in fields.items() if v is not None or k == "num_threads"})
     drafter = parse_drafter(drafter_spec, num_speculative_tokens=args.k,
-                            adaptive_k=False if args.no_adaptive else None)
+                            adaptive_k=False if args.no_adaptive else None, tree=_tree(args))
     return EngineConfig(model=model, drafter=drafter)
+
+
+def _tree(args: argparse.Namespace, max_nodes: int | None = None) -> dict:
+    """The tree flags as a TreeConfig dict (only those given); ``max_nodes`` overrides --tree-nodes."""
+    fields = {"max_nodes": args.tree_nodes if max_nodes is None else max_nodes, "branching": args.tree_branching,
+              "max_depth": args.tree_depth, "min_path_prob": args.tree_min_prob,
+              "adaptive": False if args.no_tree_adaptive else None}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _sampling(args: argparse.Namespace):
@@ -199,7 +217,7 @@ def _generate_vllm(args: argparse.Namespace, cfg, params) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and print the overall table."""
-    from specserve.bench import BenchSpec, markdown_table, run_bench
+    from specserve.bench import BenchSpec, markdown_table, run_bench, tree_table
     from specserve.config import parse_drafter
     from specserve.data import load_prompts
     from specserve.engine import SpecEngine
@@ -212,13 +230,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = []
     for source in args.prompts:
         prompts += load_prompts(source)[: args.limit]
-    drafters = [parse_drafter(s, num_speculative_tokens=args.k, adaptive_k=False if args.no_adaptive else None)
-                for s in specs]
+    # With --tree-nodes every drafter runs twice, as a chain and as a tree, in the same run.
+    shapes = [0, args.tree_nodes] if args.tree_nodes else [None]
+    drafters = [parse_drafter(s, num_speculative_tokens=args.k, adaptive_k=False if args.no_adaptive else None,
+                              tree=_tree(args, n)) for s in specs for n in shapes]
     engine = SpecEngine.from_config(_engine_config(args, "none"))
     results = run_bench(engine, prompts, BenchSpec(drafters, params, args.chat, peers=not args.no_peers),
                         Path(args.out))
     print(markdown_table(results))
-    print(f"wrote {Path(args.out) / 'results.json'} and speedup.png")
+    if args.tree_nodes:
+        print(tree_table(results))
+    print(f"wrote {Path(args.out) / 'results.json'}, speedup.png and acceptance.png")
     return 0
 
 

@@ -324,8 +324,10 @@ class TreeDrafter(Drafter):
     ``propose(seq_id, token_ids, k)`` returns a :class:`DraftTree` at most k deep (a tree is a
     kind of proposal: the decode loop treats it as a block as long as its deepest path, and the
     verifier checks it with :meth:`specserve.target.Verifier.step_tree`). Drafters with a
-    ``propose_tree(seq_id, token_ids, budget)`` method build real trees; others give their block
-    as a chain. The node budget adapts per sequence (:class:`AdaptiveTreeBudget`).
+    ``propose_tree(seq_id, token_ids, budget)`` method build their own trees; drafters whose
+    positions are independent distributions may instead offer ``position_probs(seq_id, token_ids,
+    k) -> [k, vocab]`` and get the lattice of :func:`tree_from_position_probs`; others give their
+    block as a chain. The node budget adapts per sequence (:class:`AdaptiveTreeBudget`).
     """
 
     def __init__(self, inner: Drafter, cfg: TreeConfig):
@@ -346,8 +348,11 @@ class TreeDrafter(Drafter):
         """A draft tree at most ``k`` deep within this sequence's current budget."""
         budget = self.budgets[seq_id].budget(k)
         propose_tree = getattr(self.inner, "propose_tree", None)
+        position_probs = getattr(self.inner, "position_probs", None)
         if propose_tree is not None:
             tree = propose_tree(seq_id, token_ids, budget)
+        elif position_probs is not None:  # a parallel block drafter: a lattice of independent positions
+            tree = tree_from_position_probs(position_probs(seq_id, token_ids, k), budget)
         else:
             block = self.inner.propose(seq_id, token_ids, k)
             tree = DraftTree.chain(block.token_ids[:k], block.probs[:k] if block.probs is not None else None)

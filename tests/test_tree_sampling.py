@@ -4,6 +4,8 @@ sampled trees)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -60,7 +62,6 @@ def random_tree(vocab: int, q_rows: torch.Tensor | None, gen: torch.Generator, b
     """A random tree. With ``q_rows`` [vocab-size rows, one per future node], children are drawn without
     replacement from their parent's row (Gumbel top-k); without, they are arbitrary distinct tokens."""
     tree = DraftTree()
-    rows = []
     frontier = [ROOT]
     for _ in range(depth):
         nxt = []
@@ -130,7 +131,7 @@ def test_fast_tree_verification_equals_slow_reference(sampled):
         target_logits = torch.randn(len(tree) + 1, vocab) * 2
         got = verify_tree(target_logits, tree, SAMPLE, make_generator(trial))
         replay = make_generator(trial)
-        uniforms = iter(lambda: float(torch.rand(1, dtype=torch.float64, generator=replay)), None)
+        uniforms = (float(torch.rand(1, dtype=torch.float64, generator=replay)) for _ in itertools.count())
         p = torch.softmax(target_logits, -1).double().tolist()
         expected = reference_verify_tree(p, tree, uniforms, replay)
         assert got.tokens == expected, trial
