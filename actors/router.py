@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -30,14 +30,15 @@ from ray.exceptions import RayActorError, RayError
 from actors.config import ReplicaConfig
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
+from actors.streaming import RequestStream
 from actors.target_worker import TargetGroup
 from cluster.placement import actor_options
 from specserve.config import SamplingParams
 from specserve.drafters.base import DraftBlock
 from specserve.errors import Saturated, TargetFailed
 from specserve.models import ModelInfo
-from specserve.outputs import StreamChunk, Usage
-from specserve.sequence import Sequence, stream_holdback
+from specserve.outputs import StreamChunk
+from specserve.sequence import Sequence
 from specserve.step import decode
 from specserve.strategy import KStrategy, VerifyCost, make_strategy
 from specserve.target import StepRequest, StepResult
@@ -221,11 +222,8 @@ class _Request:
     seq: Sequence
     group: TargetGroup
     worker_index: int | None  # draft worker serving it (None: plain decoding)
-    t_arrival: float
     strategy: KStrategy
-    emitted_chars: int = 0  # text already streamed to the client
-    t_last_token: float = 0.0
-    last_chunk_finished: bool = field(default=False)
+    stream: RequestStream  # builds its chunks and token timing metrics
 
 
 class RouterCore:
@@ -295,9 +293,10 @@ class RouterCore:
         group = min(self.groups, key=lambda g: sum(r.group is g for r in self.requests.values()))
         worker_index = next(self._worker_turns) % len(self.workers) if self.workers else None
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
-        req = _Request(seq, group, worker_index, t_arrival,
+        req = _Request(seq, group, worker_index,
                        make_strategy(self.config.drafter, self.worker_info.get("draft_cost_per_token", 0.0),
-                                     self._load_aware_cost(group), speculative=params.speculative))
+                                     self._load_aware_cost(group), speculative=params.speculative),
+                       RequestStream(seq, self.metrics, t_arrival))
         self.requests[seq_id] = req
         self.metrics.set_queue(len(self.requests), self.num_waiting)
         self.metrics.prompt_tokens(len(prompt_ids))
@@ -333,8 +332,9 @@ class RouterCore:
                 "target_groups": [t if isinstance(t, int) else -1 for t in targets]}
 
     async def placement(self) -> dict:
-        """Node of every draft worker and target rank."""
-        drafts = await asyncio.gather(*[w.info.remote() for w in self.workers])
+        """Node of every draft worker and target rank (a worker being restarted shows its error instead)."""
+        drafts = await asyncio.gather(*[w.info.remote() for w in self.workers], return_exceptions=True)
+        drafts = [d if isinstance(d, dict) else {"pid": None, "unavailable": type(d).__name__} for d in drafts]
         return {"draft_workers": drafts, "target_groups": [g.infos for g in self.groups]}
 
     def healthy(self) -> bool:
@@ -359,31 +359,9 @@ class RouterCore:
         verifier = GroupVerifier(self, req.group, params)
         async for out in decode(seq, proposer, verifier, req.strategy, self.info.max_context):
             self.metrics.step(out.num_draft, out.num_accepted, out.draft_s, out.verify_s)
-            yield self._chunk(req, out.appended)
-        if not req.last_chunk_finished:  # ended without a step (e.g. the context was already full)
-            yield self._chunk(req, [])
-
-    def _chunk(self, req: _Request, appended: list[int]) -> StreamChunk:
-        seq = req.seq
-        now = time.perf_counter()
-        if appended:
-            if len(seq.output_ids) == len(appended):
-                self.metrics.ttft(now - req.t_arrival)
-            elif req.t_last_token:
-                self.metrics.itl((now - req.t_last_token) / len(appended))
-            req.t_last_token = now
-        text = seq.text
-        end = len(text) if seq.finished else len(text) - stream_holdback(text, seq.params.stop, req.emitted_chars)
-        end = max(req.emitted_chars, end)
-        delta = text[req.emitted_chars : end]
-        req.emitted_chars = end
-        if not seq.finished:
-            return StreamChunk(appended, delta)
-        req.last_chunk_finished = True
-        reason = "length" if seq.finish_reason == "length" else "stop"
-        self.metrics.finished(seq.finish_reason or "stop", len(seq.output_ids), now - req.t_arrival)
-        return StreamChunk(appended, delta, finish_reason=reason, stats=seq.stats.to_dict(),
-                           usage=Usage(len(seq.prompt_ids), len(seq.output_ids)))
+            yield req.stream.chunk(out.appended)
+        if not req.stream.finished:  # ended without a step (e.g. the context was already full)
+            yield req.stream.chunk([])
 
     def _release(self, req: _Request) -> None:
         """Drop the request's state here at once, and on the workers in the background.
