@@ -21,6 +21,7 @@ stop strings), and a request whose sequence finished is aborted in vLLM. Per-req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -91,6 +92,7 @@ class VllmCore:
         self.worker_names: list[str] = []
         self.worker_info: dict = {}
         self._request_numbers = itertools.count()
+        self._failures_seen = 0  # draft worker failures the proposer reported that were counted already
         self.stats_path = os.path.join(tempfile.gettempdir(), f"specserve-proposer-{uuid.uuid4().hex[:8]}.json")
 
     # ------------------------------------------------------------------------------- startup
@@ -137,6 +139,7 @@ class VllmCore:
         v = cfg.model.vllm
         dtype = _VLLM_DTYPES[str(resolve_dtype(cfg.model.dtype, cfg.model.device))]
         tp = cfg.topology.tensor_parallel_size
+        spec = self.speculative_config()
         return AsyncEngineArgs(
             model=self.info.path,
             dtype=dtype,
@@ -147,9 +150,9 @@ class VllmCore:
             tensor_parallel_size=tp,
             distributed_executor_backend="ray" if cfg.model.device.startswith("cuda") and tp > 1 else None,
             gpu_memory_utilization=v.gpu_memory_utilization,
-            speculative_config=self.speculative_config(),
+            speculative_config=spec,
             additional_config={CONFIG_KEY: self.proposer_settings()} if self.remote_drafting else {},
-            per_request_spec_decode_metrics="detailed",
+            per_request_spec_decode_metrics="detailed" if spec else "none",
             disable_log_stats=True,
         )
 
@@ -260,10 +263,17 @@ class VllmCore:
             return
         steps = list(zip(metrics.per_step_drafted, metrics.per_step_accepted))
         step_s = e2e_s / max(1, len(steps))
+        proposer = self.drafting_stats()
+        # The proposer's mean time per step (draft worker round trip included); 0 for vLLM's own methods.
+        draft_s = proposer["wait_s"] / proposer["steps"] if proposer.get("steps") else 0.0
         for drafted, accepted in steps:
             seq.stats.record(drafted, accepted)
-            self.metrics.step(drafted, accepted, 0.0, step_s)
-        seq.stats.verify_time_s = e2e_s
+            self.metrics.step(drafted, accepted, draft_s, step_s)
+        seq.stats.draft_time_s = draft_s * len(steps)
+        seq.stats.verify_time_s = e2e_s - seq.stats.draft_time_s
+        for _ in range(proposer.get("failed", 0) - self._failures_seen):
+            self.metrics.draft_failure()
+        self._failures_seen = max(self._failures_seen, proposer.get("failed", 0))
 
     def _chunk(self, req: _Request, appended: list[int]) -> StreamChunk:
         seq = req.seq
@@ -324,6 +334,8 @@ class VllmCore:
         for e in self.engines:
             e.shutdown()
         self.engines = []
+        with contextlib.suppress(OSError):
+            os.remove(self.stats_path)
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)
