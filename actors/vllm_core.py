@@ -50,6 +50,8 @@ log = logging.getLogger("specserve.vllm_core")
 
 #: The proposer class vLLM loads for remote drafting.
 PROPOSER_CLASS = "actors.vllm_proposer.DraftWorkerProposer"
+#: The largest float32 below 1 (see ``vllm_params``).
+TOP_P_JUST_BELOW_1 = 0.99999994
 _VLLM_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 
 
@@ -103,6 +105,11 @@ class VllmCore:
         d = self.config.drafter
         return d.vllm_method == "remote" and d.kind != "none" and d.num_speculative_tokens > 0 \
             and self.config.topology.num_draft_workers > 0
+
+    @property
+    def speculating(self) -> bool:
+        """True when the engines run with speculative decoding."""
+        return self.speculative_config() is not None
 
     async def start(self) -> None:
         """Start the draft workers (remote drafting) and one vLLM engine per target group."""
@@ -228,7 +235,13 @@ class VllmCore:
 
         p = seq.params
         room = self.info.max_context - len(seq.prompt_ids)
-        return VllmParams(max_tokens=max(1, min(p.max_tokens, room)), temperature=p.temperature, top_p=p.top_p,
+        top_p = p.top_p
+        if p.top_k > 0 and top_p == 1.0 and self.speculating:
+            # vLLM 0.32's CPU rejection sampler crashes the engine on a step without drafts when the
+            # batch has top-k but no top-p (its top-k-only path takes max() of an empty tensor). A top-p
+            # one float32 ulp below 1 takes the sorting path instead; it drops at most 6e-8 of mass.
+            top_p = TOP_P_JUST_BELOW_1
+        return VllmParams(max_tokens=max(1, min(p.max_tokens, room)), temperature=p.temperature, top_p=top_p,
                           top_k=p.top_k, seed=p.seed, ignore_eos=p.ignore_eos,
                           stop_token_ids=[] if p.ignore_eos else sorted(self.info.eos_token_ids),
                           detokenize=False, output_kind=RequestOutputKind.DELTA)
