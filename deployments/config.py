@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from actors.config import ReplicaConfig, RouterConfig
 from cluster.config import TopologyConfig
-from specserve.config import DrafterConfig, ModelConfig, StrictModel, load_yaml, validated
+from specserve.config import DrafterConfig, ModelConfig, StrictModel, check_engine_fits, load_yaml, validated
 
 
 class AutoscalingConfig(StrictModel):
@@ -85,6 +85,11 @@ class AppConfig(StrictModel):
             path = Path(args.pop("config"))
             args = {**load_yaml(path), **args}
         return validated(cls, args)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> AppConfig:
+        check_engine_fits(self.model, self.drafter)  # raises SpecServeError naming the field
+        return self
 
     def replica(self) -> ReplicaConfig:
         """What each model replica (SpecRouter) needs from this config."""
