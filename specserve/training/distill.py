@@ -77,7 +77,7 @@ class DistillConfig(StrictModel):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     seed: int = Field(0, ge=0, description="Seed of initialisation and anchor sampling.")
     save_every: int = Field(50, ge=1, description="Steps between saves of state.pt and drafter.pt.")
-    vocab_conversations: int = Field(2000, ge=1, description="Train conversations counted to pick the draft "
+    vocab_conversations: int = Field(500, ge=1, description="Train conversations counted to pick the draft "
                                      "vocabulary (its most frequent tokens).")
     threads: int = Field(1, ge=1, description="torch threads per process (the machine is shared).")
 

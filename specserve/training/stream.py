@@ -22,6 +22,8 @@ import torch
 
 #: Fewest assistant tokens that make a chunk worth a target pass.
 MIN_ASSISTANT_TOKENS = 16
+#: Rendered characters per token are well below this: rendering stops once the text surely holds max_tokens.
+CHARS_PER_TOKEN_MAX = 16
 
 
 @dataclass
@@ -34,23 +36,30 @@ class Chunk:
 
 
 def templated_turns(tokenizer, turns: list[dict], max_tokens: int) -> tuple[list[int], list[bool]]:
-    """Ids of ``turns`` through the chat template and an assistant mask, stopping after ``max_tokens``.
+    """Ids of ``turns`` through the chat template and an assistant mask, cut at ``max_tokens``.
 
-    Each turn's span is the difference between the templated prefixes with and without it, so
-    the template's own markers (and any default system prompt) are kept exactly.
+    Each turn's span is the difference between the rendered prefixes with and without it, so the
+    template's own markers (and any default system prompt) are kept exactly. The text is rendered,
+    then tokenized once with character offsets (what ``apply_chat_template(tokenize=True)`` does):
+    linear in the conversation's length.
     """
-    ids: list[int] = []
-    mask: list[bool] = []
+    text, bounds = "", []  # bounds: (end char, is assistant) per turn
     for i, turn in enumerate(turns):
-        prefix = list(tokenizer.apply_chat_template(turns[: i + 1], tokenize=True, return_dict=False))
-        if prefix[: len(ids)] != ids:  # a template that rewrites earlier turns: keep what is consistent
+        prefix = tokenizer.apply_chat_template(turns[: i + 1], tokenize=False)
+        if not prefix.startswith(text):  # a template that rewrites earlier turns: keep what is consistent
             break
-        new = prefix[len(ids):]
-        ids += new
-        mask += [turn["role"] == "assistant"] * len(new)
-        if len(ids) >= max_tokens:
+        text = prefix
+        bounds.append((len(text), turn["role"] == "assistant"))
+        if len(text) > max_tokens * CHARS_PER_TOKEN_MAX:
             break
-    return ids[:max_tokens], mask[:max_tokens]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"][:max_tokens], enc["offset_mapping"][:max_tokens]
+    mask, turn = [], 0
+    for start, _ in offsets:
+        while turn < len(bounds) - 1 and start >= bounds[turn][0]:
+            turn += 1
+        mask.append(bounds[turn][1] if bounds else False)
+    return list(ids), mask
 
 
 def chunk_stream(tokenizer, conversations: Iterable[tuple[int, list[dict]]], seq_len: int, *,
