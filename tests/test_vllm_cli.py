@@ -1,0 +1,42 @@
+"""Engine choice on the command line and in config files: bad input gets one line naming the field, exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "specserve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["generate", "--engine", "vllm", "--drafter", "block", "hi"], "drafter.kind"),
+    (["generate", "--engine", "tgi", "hi"], "--engine"),
+    (["bench", "--engine", "vllm", "--prompts", "prompts/code.jsonl", "--out", "/tmp/never"], "--engine"),
+])
+def test_bad_engine_input_is_one_line_naming_it(args, named):
+    out = run_cli(*args)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith(("error", "usage", "specserve"))]
+    assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert lines, out.stderr
+
+
+@pytest.mark.parametrize("yaml_text, named", [
+    ("model: {engine: hf}\ndrafter: {vllm_method: ngram}\n", "drafter.vllm_method"),
+    ("model: {engine: vllm}\ndrafter: {kind: block}\n", "drafter.kind"),
+    ("model: {engine: vllm}\ndrafter: {vllm_method: medusa2}\n", "vllm_method"),
+    ("model: {engine: vllm, vllm: {k_per_batch_size: [[2, 8, 3]]}}\n", "k_per_batch_size"),
+])
+def test_serve_refuses_a_bad_engine_config_before_starting_anything(tmp_path, yaml_text, named):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    out = run_cli("serve", "--config", str(cfg), "--port", "18999", timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
