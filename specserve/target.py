@@ -172,6 +172,64 @@ class Verifier:
             hidden = torch.cat([out.hidden_states[j + 1][0, rows] for j in self.hidden_layers], dim=-1)
         return StepResult(verdict, hidden, time.perf_counter() - t0)
 
+    @torch.inference_mode()
+    def step_mixed(self, reqs: list[StepRequest | TreeStepRequest]) -> list[StepResult]:
+        """Verify chains and trees of several sequences in one batched forward pass.
+
+        Each row gets its own 4D additive mask: its real cache entries (caches are left-padded to a
+        common length), then its inputs as a tree (a chain is a tree of single children); padding
+        inputs see only themselves. Positions are each row's cache length + depth. Chains are then
+        accepted with ``verify_block`` exactly as :meth:`step` does, trees as :meth:`step_tree` does.
+        """
+        t0 = time.perf_counter()
+        states = [self.states[r.seq_id] for r in reqs]
+        trees = [r.tree if isinstance(r, TreeStepRequest) else DraftTree.chain(list(r.draft_tokens)) for r in reqs]
+        lens = [s.num_cached for s in states]
+        max_len, max_in = max(lens), max(len(t) + 1 for t in trees)
+        batch, device, dtype = len(reqs), self.target.device, self.target.dtype
+        input_ids = torch.zeros(batch, max_in, dtype=torch.long)  # [B, m]
+        positions = torch.zeros(batch, max_in, dtype=torch.long)  # [B, m]
+        visible = torch.zeros(batch, max_in, max_len + max_in, dtype=torch.bool)  # [B, m, L + m]
+        for i, (req, tree, n_cached) in enumerate(zip(reqs, trees, lens)):
+            ids, row_mask, row_pos = flatten(tree, req.last_id, n_cached, dtype)
+            m = len(ids)
+            input_ids[i, :m] = torch.tensor(ids)
+            positions[i, :m] = row_pos[0]
+            positions[i, m:] = n_cached
+            visible[i, :m, max_len - n_cached : max_len] = True
+            visible[i, :m, max_len : max_len + m] = row_mask[0, 0, :, n_cached:] == 0
+            visible[i, torch.arange(m, max_in), max_len + torch.arange(m, max_in)] = True
+        mask = torch.zeros(batch, 1, max_in, max_len + max_in, dtype=dtype)  # [B, 1, m, L + m]
+        mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+        out = self.target.model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            past_key_values=_stack_caches([s.cache for s in states], lens, max_len),
+            use_cache=True,
+            output_hidden_states=bool(self.hidden_layers),
+        )
+        elapsed = (time.perf_counter() - t0) / batch
+        results = []
+        for i, (req, state, tree, n_cached) in enumerate(zip(reqs, states, trees, lens)):
+            m = len(tree) + 1
+            state.cache = _row_cache(out.past_key_values, i, max_len - n_cached, max_len + m)
+            state.num_cached = n_cached + m
+            logits = out.logits[i, :m]  # [m, vocab]
+            if not isinstance(req, TreeStepRequest):
+                results.append(self._accept(state, req, logits, out, i, elapsed, fed=m))
+                continue
+            verdict = verify_tree(logits, tree, state.params, state.generator)
+            kept = [0] + [node + 1 for node in verdict.path]
+            _keep_slots(state.cache, n_cached, kept)
+            state.num_cached = n_cached + len(kept)
+            hidden = None
+            if self.hidden_layers:
+                rows = torch.tensor(kept, device=device)
+                hidden = torch.cat([out.hidden_states[j + 1][i, rows] for j in self.hidden_layers], dim=-1)
+            results.append(StepResult(verdict, hidden, elapsed))
+        return results
+
     def _forward(self, state: TargetState, inputs: list[int]):
         ids = torch.tensor([inputs], device=self.target.device)  # [1, m]
         out = self.target.model(
