@@ -223,10 +223,14 @@ def distill(cfg: DistillConfig, *, target: LoadedModel | None = None, session: S
         meta = torch.load(cfg.init_from, map_location="cpu", weights_only=True).get("meta", {})
         tokens_seen, next_conv = int(meta.get("tokens_seen", 0)), int(meta.get("next_conversation", 0))
     elif model.draft_vocab is not None:
-        vocab, info = choose_vocabulary(cfg, target, conversations_fn)
+        saved = json.loads((out / VOCAB).read_text()) if (out / VOCAB).exists() else {}
+        if saved.get("size") == cfg.drafter.draft_vocab_size:  # a restarted run keeps its vocabulary
+            vocab = torch.tensor(saved["ids"])
+        else:
+            vocab, info = choose_vocabulary(cfg, target, conversations_fn)
+            if session.rank == 0:
+                (out / VOCAB).write_text(json.dumps(info))
         model.set_draft_vocab(vocab.to(model.draft_vocab.device))
-        if session.rank == 0:
-            (out / VOCAB).write_text(json.dumps(info))
     model.to(cfg.device)
     if session.broadcast is not None:  # every rank starts from rank 0's weights, step and stream position
         progress_t = torch.tensor([step, tokens_seen, next_conv], dtype=torch.long, device=cfg.device)
@@ -265,7 +269,10 @@ def distill(cfg: DistillConfig, *, target: LoadedModel | None = None, session: S
         predicted_here += int(batch.valid.sum()) * session.world_size
         next_conv = chunks[-1].conversation + 1
         elapsed = time.perf_counter() - t0
+        labels = batch.valid.sum().clamp_min(1)
+        in_vocab = float(((batch.targets >= 0) & batch.valid).sum() / labels)
         last = {"step": step, "tokens_seen": tokens_seen, "loss": float(loss.detach()), **terms,
+                "labels_in_draft_vocab": in_vocab,
                 "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                 "tokens_per_s": tokens_here / elapsed, "teacher_tokens_per_s": tokens_here / teach_s,
                 "predicted_per_s": predicted_here / train_s,
