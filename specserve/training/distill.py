@@ -36,6 +36,7 @@ from specserve.drafters.block import (
     load_model_from_checkpoint,
     save_checkpoint,
 )
+from specserve.errors import SpecServeError
 from specserve.models import LoadedModel, load_model
 from specserve.training.config import LossConfig
 from specserve.training.losses import block_losses
@@ -214,6 +215,9 @@ def distill(cfg: DistillConfig, *, target: LoadedModel | None = None, session: S
     resume = session.resume_dir or out
     if (resume / STATE).exists():
         state = torch.load(resume / STATE, map_location="cpu", weights_only=True)
+        if state["config"]["drafter"] != cfg.drafter.model_dump(mode="json"):
+            raise SpecServeError(f"{resume / STATE} holds a drafter of another shape: pass another --out",
+                                 param="out")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, tokens_seen, next_conv = int(state["step"]), int(state["tokens_seen"]), int(state["next_conversation"])
@@ -239,6 +243,9 @@ def distill(cfg: DistillConfig, *, target: LoadedModel | None = None, session: S
     start_step = step
     stream = chunk_stream(target.tokenizer, conversations_fn(), cfg.seq_len, max_chunks=cfg.max_chunks,
                           start=next_conv, rank=session.rank, world_size=session.world_size)
+    if session.rank == 0 and (out / LOG).exists():  # steps logged after the last save are redone
+        kept = [line for line in (out / LOG).read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        (out / LOG).write_text("".join(line + "\n" for line in kept))
     log_f = open(out / LOG, "a", encoding="utf-8") if session.rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", unit="step", disable=not progress or session.rank)
     t0, tokens_here, predicted_here, teach_s, train_s, last = time.perf_counter(), 0, 0, 0.0, 0.0, {}
