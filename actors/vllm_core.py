@@ -50,8 +50,6 @@ log = logging.getLogger("specserve.vllm_core")
 
 #: The proposer class vLLM loads for remote drafting.
 PROPOSER_CLASS = "actors.vllm_proposer.DraftWorkerProposer"
-#: The largest float32 below 1 (see ``vllm_params``).
-TOP_P_JUST_BELOW_1 = 0.99999994
 _VLLM_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 
 
@@ -60,6 +58,7 @@ class _Request:
     seq: Sequence
     engine: int
     t_arrival: float
+    sampling: object  # vllm.SamplingParams
     emitted_chars: int = 0
     t_last_token: float = 0.0
 
@@ -217,7 +216,8 @@ class VllmCore:
         seq_id = f"{request_id or 'req'}-{next(self._request_numbers)}"
         engine = min(range(len(self.engines)), key=lambda i: sum(r.engine == i for r in self.requests.values()))
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
-        req = _Request(seq, engine, time.perf_counter())
+        sampling = self.vllm_params(seq)  # refuses what vLLM cannot run before anything starts
+        req = _Request(seq, engine, time.perf_counter(), sampling)
         self.requests[seq_id] = req
         self.metrics.set_queue(len(self.requests), 0)
         self.metrics.prompt_tokens(len(prompt_ids))
@@ -235,13 +235,12 @@ class VllmCore:
 
         p = seq.params
         room = self.info.max_context - len(seq.prompt_ids)
-        top_p = p.top_p
-        if p.top_k > 0 and top_p == 1.0 and self.speculating:
-            # vLLM 0.32's CPU rejection sampler crashes the engine on a step without drafts when the
-            # batch has top-k but no top-p (its top-k-only path takes max() of an empty tensor). A top-p
-            # one float32 ulp below 1 takes the sorting path instead; it drops at most 6e-8 of mass.
-            top_p = TOP_P_JUST_BELOW_1
-        return VllmParams(max_tokens=max(1, min(p.max_tokens, room)), temperature=p.temperature, top_p=top_p,
+        if p.top_k > 0 and self.speculating and self.config.model.device == "cpu":
+            # vLLM 0.32's CPU rejection sampler expands per-request top-k wrongly (garbage indices,
+            # or max() of an empty tensor on a step without drafts) and the engine dies: refuse it.
+            raise SpecServeError("top_k is not supported on engine vllm with speculative decoding on the CPU "
+                                 "(vLLM 0.32 fails on it); use top_p, or the hf engine", param="top_k")
+        return VllmParams(max_tokens=max(1, min(p.max_tokens, room)), temperature=p.temperature, top_p=p.top_p,
                           top_k=p.top_k, seed=p.seed, ignore_eos=p.ignore_eos,
                           stop_token_ids=[] if p.ignore_eos else sorted(self.info.eos_token_ids),
                           detokenize=False, output_kind=RequestOutputKind.DELTA)
@@ -249,7 +248,7 @@ class VllmCore:
     async def _decode(self, req: _Request) -> AsyncIterator[StreamChunk]:
         seq = req.seq
         engine = self.engines[req.engine]
-        stream = engine.generate({"prompt_token_ids": seq.prompt_ids}, self.vllm_params(seq), request_id=seq.seq_id)
+        stream = engine.generate({"prompt_token_ids": seq.prompt_ids}, req.sampling, request_id=seq.seq_id)
         try:
             async for out in stream:
                 completion = out.outputs[0]

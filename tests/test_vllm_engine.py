@@ -1,0 +1,199 @@
+"""Engine vllm on the real SmolLM2 in fp32: remote drafting through vLLM's proposer hook is lossless.
+
+vLLM engines start slowly (~25 s each, much more on a busy machine), so this module starts three
+and shares them: plain vLLM (the reference), remote n-gram drafting, and a draft model on its own
+draft worker actor. Greedy outputs must be token-identical to the plain engine's; sampling must
+reproduce the target's distribution; a draft worker killed under 8 streams costs no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from specserve.config import SamplingParams
+from specserve.errors import SpecServeError
+
+pytestmark = [pytest.mark.ray, pytest.mark.real_model]
+
+GREEDY = SamplingParams(max_tokens=40)
+SHORT = [
+    "Rewrite this code with clearer names and return it in full:\n\ndef calc(l):\n    t = 0\n    for x in l:\n"
+    "        if x % 2 == 0:\n            t = t + x\n    return t",
+    "List the days of the week, one per line.",
+    "What is the capital of France? Answer in one sentence.",
+]
+#: ~1000-token prompts: the model is asked to quote and edit long inputs (project source files).
+LONG_SOURCES = ["specserve/sampling.py", "specserve/strategy.py", "specserve/sequence.py"]
+
+
+def long_prompt(path: str) -> str:
+    text = (Path(__file__).parent.parent / path).read_text()[:3600]
+    return f"Add type hints to this code and return it in full:\n\n{text}"
+
+
+def replica(drafter: dict, **vllm) -> dict:
+    return {"model": {"engine": "vllm", "dtype": "fp32",
+                      "vllm": {"kv_cache_gb": 1, "max_num_seqs": 16, "enforce_eager": True, **vllm}},
+            "drafter": drafter, "max_model_len": 2048,
+            "topology": {"draft_worker": {"num_cpus": 0.1}}}
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from cluster.local import init_local_ray
+
+    ray = init_local_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def start_core(loop, config: dict):
+    from actors.config import ReplicaConfig
+    from actors.vllm_core import VllmCore
+
+    core = VllmCore(ReplicaConfig.model_validate(config))
+    loop.run_until_complete(core.start())
+    return core
+
+
+async def collect(core, prompt_ids: list[int], params: SamplingParams):
+    tokens, last = [], None
+    async for chunk in core.generate(prompt_ids, params, "test"):
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last
+
+
+def run_all(loop, core, prompts: list[list[int]], params: SamplingParams = GREEDY):
+    """All prompts at once (continuous batching), results in prompt order."""
+    async def body():
+        return await asyncio.gather(*[collect(core, p, params) for p in prompts])
+
+    return loop.run_until_complete(body())
+
+
+@pytest.fixture(scope="module")
+def prompts(ray_local, loop):
+    from specserve.config import ModelConfig
+    from specserve.models import ModelInfo
+
+    info = ModelInfo.load(ModelConfig())
+    ids = [info.encode(p, chat=True) for p in SHORT] + [info.encode(long_prompt(p), chat=True) for p in LONG_SOURCES]
+    assert all(800 <= len(i) <= 1400 for i in ids[3:]), [len(i) for i in ids]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, loop, prompts):
+    """Plain vLLM greedy outputs (no speculative decoding): what every drafted run must reproduce."""
+    core = start_core(loop, replica({"kind": "none", "num_speculative_tokens": 0}))
+    try:
+        return [tokens for tokens, _ in run_all(loop, core, prompts)]
+    finally:
+        core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ngram_core(ray_local, loop, reference):
+    core = start_core(loop, replica({"kind": "ngram", "num_speculative_tokens": 4}, draft_deadline_ms=2000))
+    yield core
+    core.shutdown()
+
+
+def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts, reference):
+    results = run_all(loop, ngram_core, prompts)
+    assert [tokens for tokens, _ in results] == reference
+    stats = [last.stats for _, last in results]
+    assert sum(s["num_drafts"] for s in stats) > 0, "nothing was drafted: the test would not exercise verification"
+    assert sum(s["num_accepted_tokens"] for s in stats) > 0
+    assert all(last.usage.completion_tokens == len(tokens) for tokens, last in results)
+    assert ngram_core.drafting_stats().get("failed", 0) == 0
+
+
+def test_a_draft_model_on_its_own_actor_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference,
+                                                                       tiny_draft_dir):
+    # A tiny random draft model with the real tokenizer: mostly rejected, so every step exercises
+    # rollback of the draft worker's history-keyed KV cache. A fixed k keeps it drafting.
+    core = start_core(loop, replica({"kind": "draft_model", "path": str(tiny_draft_dir), "adaptive_k": False,
+                                     "num_speculative_tokens": 3}, draft_deadline_ms=5000, pipelining=True))
+    try:
+        results = run_all(loop, core, prompts)
+        stats = core.drafting_stats()
+    finally:
+        core.shutdown()
+    assert [tokens for tokens, _ in results] == reference
+    assert sum(last.stats["num_draft_tokens"] for _, last in results) > 0
+    assert stats.get("calls", 0) > 0 and stats.get("failed", 0) == 0
+
+
+def test_sampling_through_vllm_with_the_remote_proposer_keeps_the_target_distribution(loop, ngram_core,
+                                                                                       real_target):
+    from distribution import chi_square_p_value, shifted, two_token_distribution
+
+    params = SamplingParams(max_tokens=2, temperature=1.0, top_p=0.7, ignore_eos=True)
+    # A repetitive prompt: the n-gram drafter proposes on the second token.
+    prompt_ids = real_target.tokenizer.encode("one two three one two three one two three one two")
+    expected = two_token_distribution(real_target, prompt_ids, params)
+    n = 300
+
+    async def body():
+        return await asyncio.gather(*[collect(ngram_core, prompt_ids, params.model_copy(update={"seed": s}))
+                                      for s in range(n)])
+
+    results = loop.run_until_complete(body())
+    counts: dict[tuple[int, int], int] = {}
+    for tokens, _ in results:
+        counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
+    assert sum(last.stats["num_draft_tokens"] for _, last in results) > 0, "the drafter never proposed"
+    assert chi_square_p_value(counts, expected, n) > 1e-3, counts
+    assert chi_square_p_value(counts, shifted(expected, 0.10), n) < 1e-3
+
+
+def test_a_draft_worker_killed_under_8_streams_costs_no_request(loop, ngram_core, prompts, reference):
+    eight = (prompts * 3)[:8]
+    worker = ngram_core.workers[0]
+
+    async def body():
+        pid = (await worker.info.remote())["pid"]
+        tasks = [asyncio.ensure_future(collect(ngram_core, p, GREEDY)) for p in eight]
+        await asyncio.sleep(1.0)
+        os.kill(pid, 9)
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
+
+    results = loop.run_until_complete(body())
+    assert [tokens for tokens, _ in results] == (reference * 3)[:8]
+    assert all(last.finish_reason in ("stop", "length") for _, last in results)
+
+
+def test_top_k_with_speculation_on_the_cpu_is_refused_naming_it(loop, ngram_core):
+    # vLLM 0.32's CPU rejection sampler kills the engine on per-request top-k (see VllmCore.vllm_params).
+    with pytest.raises(SpecServeError) as e:
+        run_all(loop, ngram_core, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=1.0, top_k=5))
+    assert e.value.param == "top_k"
+
+
+def test_a_prompt_beyond_the_context_is_refused_naming_the_field(loop, ngram_core):
+    with pytest.raises(SpecServeError) as e:
+        run_all(loop, ngram_core, [[1] * 4000])
+    assert e.value.param in ("prompt", "messages")
+
+
+def test_tensor_parallel_that_does_not_divide_the_heads_is_refused(default_dir):
+    from actors.vllm_core import check_tensor_parallel
+    from specserve.config import ModelConfig
+    from specserve.models import ModelInfo
+
+    with pytest.raises(SpecServeError) as e:
+        check_tensor_parallel(ModelInfo.load(ModelConfig()), 2)  # SmolLM2 has 9 heads
+    assert e.value.param == "topology.tensor_parallel_size"
