@@ -8,7 +8,7 @@ import threading
 from cluster.local import LOOPBACK, init_local_ray
 from deployments.app import APP_NAME, build_app, wait_until_ready
 from deployments.config import AppConfig
-from specserve.config import load_yaml
+from specserve.config import apply_serve_defaults, load_yaml
 
 
 def start(config: AppConfig, app_name: str = APP_NAME) -> None:
@@ -26,6 +26,7 @@ def serve_forever(config_path: str | None, host: str | None = None, port: int | 
     data = load_yaml(config_path) if config_path else {}
     if engine:
         data.setdefault("model", {})["engine"] = engine
+    data = apply_serve_defaults(data)
     if host or port:
         data.setdefault("serve", {})
         data["serve"].update({k: v for k, v in (("host", host), ("port", port)) if v})

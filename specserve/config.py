@@ -65,6 +65,36 @@ class ModelConfig(StrictModel):
     )
 
 
+#: What `specserve serve` (and so `make serve`) runs when neither the flags nor the config name an
+#: engine or a drafter: the faster one measured here (docs/benchmarks.md, "Engine vllm").
+SERVE_DEFAULT_ENGINE = "vllm"
+SERVE_DEFAULT_VLLM_METHOD = "ngram"
+
+
+def apply_serve_defaults(data: dict) -> dict:
+    """Fill in the serve command's default engine and drafter where a config leaves them out.
+
+    Falls back to engine hf when vLLM is not installed. Library code and explicit configs keep
+    ``ModelConfig``'s own default (hf), so nothing else changes behaviour.
+    """
+    import importlib.util
+
+    model = dict(data.get("model") or {})
+    if "engine" in model or importlib.util.find_spec("vllm") is None:
+        return data
+    drafter = dict(data.get("drafter") or {})
+    if not drafter:
+        drafter = {"kind": "ngram", "vllm_method": SERVE_DEFAULT_VLLM_METHOD}
+    else:
+        try:  # a drafter the config names that engine vllm cannot run keeps engine hf
+            check_engine_fits(ModelConfig(**{**model, "engine": SERVE_DEFAULT_ENGINE}),
+                              DrafterConfig.model_validate(drafter))
+        except (SpecServeError, ValidationError):
+            return data
+    model["engine"] = SERVE_DEFAULT_ENGINE
+    return {**data, "model": model, "drafter": drafter}
+
+
 #: vLLM's own speculative methods that run colocated in its engine ('remote': our draft workers).
 VLLM_METHODS: tuple[str, ...] = ("remote", "ngram", "suffix", "draft_model", "eagle3", "dflash")
 #: Of those, the ones that load a draft model from ``drafter.path``.
