@@ -146,3 +146,18 @@ def test_unknown_vllm_method_and_missing_path_are_refused():
         DrafterConfig(vllm_method="medusa2")
     with pytest.raises(ValidationError, match="path"):
         DrafterConfig(vllm_method="eagle3")
+
+
+@pytest.mark.parametrize("given, engine, method", [
+    ({}, "vllm", "ngram"),
+    ({"model": {"engine": "hf"}}, "hf", None),
+    ({"drafter": {"kind": "block"}}, None, None),
+    ({"drafter": {"kind": "none"}}, "vllm", "remote"),
+])
+def test_serve_defaults_pick_engine_vllm_only_where_the_config_is_silent_and_it_fits(given, engine, method):
+    from specserve.config import apply_serve_defaults
+
+    out = apply_serve_defaults(given)
+    assert out.get("model", {}).get("engine") == engine
+    if method:
+        assert DrafterConfig.model_validate(out.get("drafter", {})).vllm_method == method
