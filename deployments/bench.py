@@ -310,6 +310,121 @@ def run(args) -> int:
     return 0
 
 
+def engine_agreement(args) -> int:
+    """``specserve bench-agreement``: greedy fp32 outputs of engine vllm vs engine hf (both plain).
+
+    Per prompt: identical or not and, at the first difference, the hf target's top-2 logit
+    margin there (a small margin means the engines' numerics, not a bug, split them).
+    """
+    import torch
+
+    from actors.config import ReplicaConfig
+    from actors.vllm_core import VllmCore
+    from specserve.config import DrafterConfig, EngineConfig, ModelConfig, SamplingParams
+    from specserve.data import load_prompts
+    from specserve.engine import SpecEngine
+
+    torch.set_num_threads(args.threads)
+    prompts = [p["prompt"] for source in args.prompts for p in load_prompts(source)[: args.limit]]
+    model = ModelConfig(model=args.model, dtype="fp32")
+    plain = DrafterConfig(kind="none", num_speculative_tokens=0)
+    params = SamplingParams(max_tokens=args.max_tokens)
+    hf = SpecEngine.from_config(EngineConfig(model=model, drafter=plain))
+    encoded = [hf.info.encode(p, chat=True) for p in prompts]
+    hf_out = [hf.generate(ids, params).token_ids for ids in tqdm(encoded, desc="engine hf")]
+    core = VllmCore(ReplicaConfig(model=model.model_copy(update={"engine": "vllm"}), drafter=plain))
+
+    async def run_vllm():
+        await core.start()
+
+        async def one(ids):
+            return [t async for chunk in core.generate(ids, params) for t in chunk.token_ids]
+
+        return await asyncio.gather(*[one(ids) for ids in encoded])
+
+    try:
+        vllm_out = asyncio.run(run_vllm())
+    finally:
+        core.shutdown()
+    rows = []
+    for ids, a, b in zip(encoded, hf_out, vllm_out):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        row = {"prompt_tokens": len(ids), "identical": a == b, "first_difference": None if a == b else n}
+        if a != b and n < min(len(a), len(b)):
+            with torch.inference_mode():
+                logits = hf.target.model(torch.tensor([ids + a[:n]])).logits[0, -1].float()  # [vocab]
+            top = torch.topk(logits, 2).values
+            row["top2_margin"] = float(top[0] - top[1])
+        rows.append(row)
+    same = sum(r["identical"] for r in rows)
+    margins = [r["top2_margin"] for r in rows if "top2_margin" in r]
+    summary = {"prompts": len(rows), "identical": same, "max_tokens": args.max_tokens,
+               "top2_margins_at_first_difference": margins, "rows": rows}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "agreement.json").write_text(json.dumps(summary, indent=1))
+    print(f"engine vllm vs hf, fp32 greedy, {args.max_tokens} tokens: {same}/{len(rows)} identical; "
+          f"top-2 logit margins at the first difference: {[round(m, 4) for m in margins]}")
+    return 0
+
+
+def proposer_pipelining(args) -> int:
+    """``specserve bench-pipelining``: the remote proposer's cost per step, pipelined or not.
+
+    Drives ``DraftWorkerProposer`` as vLLM's model runner does, against a real draft worker on a
+    local Ray, with verification stood in for by a sleep of ``--verify-ms`` and every draft
+    accepted (the case pipelining is for). Reports wall ms per step and the proposer's own wait.
+    """
+    from types import SimpleNamespace
+
+    import numpy as np
+    import ray
+
+    from actors.draft_worker import DraftWorker
+    from actors.vllm_proposer import CONFIG_KEY, DraftWorkerProposer
+    from cluster.local import init_local_ray
+    from specserve.config import ModelConfig
+    from specserve.models import ModelInfo
+
+    init_local_ray(num_cpus=4)
+    info = ModelInfo.load(ModelConfig(model=args.model))
+    drafter = {"kind": "draft_model", "path": args.draft, "num_speculative_tokens": args.k, "adaptive_k": False}
+    worker = DraftWorker.options(name="bench-pipelining", num_cpus=0.1).remote(
+        {"model": args.model, "dtype": "bf16"}, drafter, 1)
+    ray.get(worker.info.remote())
+    ctx = ray.get_runtime_context()
+    prompt = info.encode("Write a Python function that returns the n-th Fibonacci number.", chat=True)
+    truth = ray.get(worker.propose_batch.remote([prompt], args.steps * (args.k + 1) + 2))[0]
+    out = {}
+    for pipelining in (False, True):
+        options = {"gcs_address": ctx.gcs_address, "namespace": ctx.namespace, "draft_workers": ["bench-pipelining"],
+                   "drafter": drafter, "deadline_ms": 10000, "pipelining": pipelining}
+        proposer = DraftWorkerProposer(SimpleNamespace(
+            speculative_config=SimpleNamespace(num_speculative_tokens=args.k), additional_config={CONFIG_KEY: options}))
+        history = list(prompt)
+        sampled = [history[-1]]
+        t0 = time.perf_counter()
+        for _ in tqdm(range(args.steps), desc=f"pipelining={pipelining}"):
+            tokens = np.zeros((1, len(history) + 64), dtype=np.int64)  # [max_num_reqs, max_model_len]
+            tokens[0, : len(history)] = history
+            draft = proposer.propose([sampled], np.array([len(history)]), tokens)[0]
+            time.sleep(args.verify_ms / 1000)  # vLLM verifying the draft
+            # The target here is the draft model's own greedy continuation: drafts are accepted as far
+            # as they match it, then its next token is the bonus.
+            n = len(history) - len(prompt)
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == truth[n + accepted]:
+                accepted += 1
+            sampled = draft[:accepted] + [truth[n + accepted]]
+            history = history + sampled
+        wall = time.perf_counter() - t0
+        out[f"pipelining={pipelining}"] = {"ms_per_step": 1000 * wall / args.steps, **proposer.stats()}
+        print(out[f"pipelining={pipelining}"], flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "pipelining.json").write_text(json.dumps({"args": vars(args) | {"handler": None}, **out},
+                                                               indent=1, default=str))
+    return 0
+
+
 def add_parser(sub) -> None:
     """Register ``specserve bench-serve``."""
     p = sub.add_parser("bench-serve", help="served tokens/s at several concurrencies, engines x drafters, "
@@ -347,3 +462,21 @@ def add_parser(sub) -> None:
         return run(args)
 
     p.set_defaults(handler=handler)
+
+    a = sub.add_parser("bench-agreement", help="greedy fp32 outputs of engine vllm vs engine hf, per prompt")
+    a.add_argument("--model", default="default")
+    a.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N")
+    a.add_argument("--limit", type=int, default=None, help="at most this many prompts per source")
+    a.add_argument("--max-tokens", type=int, default=128)
+    a.add_argument("--threads", type=int, default=2, help="torch threads of the hf engine")
+    a.add_argument("--out", required=True)
+    a.set_defaults(handler=engine_agreement)
+
+    b = sub.add_parser("bench-pipelining", help="remote proposer per-step cost, pipelined vs sequential")
+    b.add_argument("--model", default="default")
+    b.add_argument("--draft", required=True, help="draft model directory (shares the target's tokenizer)")
+    b.add_argument("--k", type=int, default=4)
+    b.add_argument("--steps", type=int, default=40)
+    b.add_argument("--verify-ms", type=float, default=30.0, help="stand-in for vLLM's verification time per step")
+    b.add_argument("--out", required=True)
+    b.set_defaults(handler=proposer_pipelining)
