@@ -53,10 +53,16 @@ REATTACH_EVERY = 8
 class _Pending:
     req: StepRequest
     future: asyncio.Future
+    generation: int  # the group's generation when submitted: its KV caches live only in that generation
 
 
 class _Batcher:
-    """Collects verification requests for one target group and runs them as batched passes."""
+    """Collects verification requests for one target group and runs them as batched passes.
+
+    The loop never dies: a failed pass fails its requests (and everything queued for the same,
+    now broken, generation of the group) with ``TargetFailed``; later requests run on the
+    rebuilt group.
+    """
 
     def __init__(self, group: TargetGroup, max_batch: int, on_failure, cost: VerifyCost):
         self.group = group
@@ -69,9 +75,15 @@ class _Batcher:
 
     def submit(self, req: StepRequest) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
-        self.queue.append(_Pending(req, fut))
+        self.queue.append(_Pending(req, fut, self.group.generation))
         self.wakeup.set()
         return fut
+
+    @staticmethod
+    def _fail(pending: list[_Pending], message: str) -> None:
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(TargetFailed(message))
 
     async def _loop(self) -> None:
         while True:
@@ -80,15 +92,20 @@ class _Batcher:
             while self.queue:
                 # Let sequences whose drafts just arrived join this pass.
                 await asyncio.sleep(0)
+                stale = [p for p in self.queue if p.generation != self.group.generation or not self.group.ranks]
+                if stale:
+                    self._fail(stale, "target group failed during this request")
+                    self.queue = [p for p in self.queue if p not in stale]
+                    continue
                 batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
                 t0 = time.perf_counter()
                 try:
                     results = await self.group.step_batch([p.req for p in batch])
-                except RayError as e:
-                    for p in batch:
-                        if not p.future.done():
-                            p.future.set_exception(TargetFailed(f"target worker failed during generation: {e}"))
+                except Exception as e:  # noqa: BLE001 - whatever broke the pass, the loop must live on
+                    self._fail(batch, f"target worker failed during generation: {e}")
                     if isinstance(e, RayActorError):  # a rank died: the process group is broken
+                        self._fail(self.queue, "target group failed during this request")
+                        self.queue = []
                         await self.on_failure(self.group)
                     continue
                 self.cost.observe(sum(1 + len(p.req.draft_tokens) for p in batch), time.perf_counter() - t0)

@@ -200,10 +200,6 @@ def test_a_draft_worker_killed_mid_way_leaves_every_stream_exact(app, expected):
     assert wait_idle()["held"] == idle_held()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router bug (issue 13 report): after a failed pass the group's batcher runs the requests still queued on a "
-    "group whose ranks the rebuild just removed; TargetGroup.step_batch then indexes an empty list, the "
-    "IndexError ends the batcher task, and those requests (and later ones on that group) wait forever"))
 def test_a_target_rank_killed_mid_way_fails_only_its_groups_requests(app, expected):
     groups = placement()["target_groups"]
     assert len(groups) == 2
