@@ -12,6 +12,7 @@ from specserve.cli import main
 from specserve.config import DrafterConfig
 from specserve.drafters import make_drafter
 from specserve.drafters.block import BlockDrafter, BlockDrafterConfig, build_model
+from specserve.training.curve import plot_curve
 from specserve.training.distill import LOG, SERVABLE, STATE, VOCAB, DistillConfig, distill, teach
 from specserve.training.stream import chunk_stream, draft_vocabulary, templated_turns
 
@@ -105,6 +106,8 @@ def test_distillation_learns_resumes_and_writes_a_servable_checkpoint(tiny_targe
     drafter = make_drafter(DrafterConfig(kind="block", path=str(tmp_path / "run" / SERVABLE)), tiny_target)
     assert isinstance(drafter, BlockDrafter) and drafter.model.logits_dim == 300
     assert torch.equal(drafter.model.draft_vocab, torch.tensor(vocab["ids"]))
+    png = plot_curve(tmp_path / "run", tmp_path / "curve.png")
+    assert png.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("flags,needle", [

@@ -24,6 +24,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.timeout(2400)  # two Ray Train runs; minutes on a machine whose 2 cores other suites share
 def test_two_workers_train_checkpoint_and_resume_through_ray_train(ray_cluster, tiny_dir, tmp_path):
     out = tmp_path / "run"
     cfg = DistillConfig(out_dir=out, model=str(tiny_dir), dtype="fp32", drafter=DRAFTER, seq_len=64,
