@@ -24,8 +24,8 @@ class DraftWorker:
         torch.set_num_threads(num_threads or 1)  # drafting stays cheap beside the target unless told otherwise
         self.drafter_cfg = DrafterConfig.model_validate(drafter_cfg)
         target = None
-        if self.drafter_cfg.kind in ("draft_model", "block"):
-            # These drafters need the target's tokenizer (and, for 'block', its embedding and LM head).
+        if self.drafter_cfg.kind in ("draft_model", "block", "hybrid"):
+            # These drafters need the target's tokenizer (and, for 'block'/'hybrid', its embedding and LM head).
             from specserve.models import load_model
 
             target = load_model(ModelConfig.model_validate(model_cfg))

@@ -294,8 +294,8 @@ def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
                              "(engine 'hf' drafts with drafter.kind)", param="drafter.vllm_method")
     if model.engine != "vllm" or drafter.vllm_method != "remote":
         return
-    if drafter.kind == "block":
-        raise SpecServeError("drafter.kind 'block' needs the target's hidden states, which vLLM's proposer hook "
+    if drafter.kind in ("block", "hybrid"):
+        raise SpecServeError(f"drafter.kind {drafter.kind!r} needs the target's hidden states, which vLLM's proposer hook "
                              "does not pass: use engine 'hf', or kind ngram / draft_model", param="drafter.kind")
     if drafter.tree.max_nodes > 0:
         raise SpecServeError("drafter.tree.max_nodes: token trees run on engine 'hf' only; set it to 0",
