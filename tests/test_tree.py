@@ -328,8 +328,8 @@ def test_ngram_tree_accepts_at_least_what_the_chain_accepts_at_every_step():
 
 
 def test_greedy_tree_output_equals_plain_greedy_on_the_real_model(real_target):
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    prompt = [{"role": "user", "content": "Rewrite: def f(a, b): return a + b  # add two numbers"}]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n"
     for impl in ("sdpa", "eager"):
         real_target.model.set_attn_implementation(impl)
         try:
@@ -342,8 +342,8 @@ def test_greedy_tree_output_equals_plain_greedy_on_the_real_model(real_target):
 
 
 def test_real_model_drafting_for_itself_with_a_tree_accepts_everything(real_target, default_dir):
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
-    engine = engine_for(real_target, "draft_model", 3, tree_nodes=8, path=str(default_dir))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    engine = engine_for(real_target, "draft_model", 2, tree_nodes=4, branching=2, path=str(default_dir))
     got = engine.generate("The capital of France is", params)
     assert got.token_ids == plain(real_target, "The capital of France is", params)
     assert got.stats.acceptance_rate == 1.0
@@ -357,10 +357,22 @@ def chi2_critical(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
 
 
+def exact_two_token_distribution(target, prompt_ids, params) -> dict[tuple[int, int], float]:
+    """P(t1, t2) under the processed target distribution, computed from the model directly."""
+    from specserve.sampling import logits_to_probs
+
+    with torch.inference_mode():
+        first = logits_to_probs(target.model(torch.tensor([prompt_ids])).logits[:, -1], params)[0]
+        dist = {}
+        for t1 in first.nonzero().flatten().tolist():
+            second = logits_to_probs(target.model(torch.tensor([prompt_ids + [t1]])).logits[:, -1], params)[0]
+            for t2 in second.nonzero().flatten().tolist():
+                dist[(t1, t2)] = float(first[t1] * second[t2])
+    return dist
+
+
 @pytest.mark.parametrize("kind", ["ngram", "draft_model"])
 def test_tree_sampling_preserves_the_target_distribution(tiny_target, tiny_draft_dir, kind):
-    from tests.test_engine import exact_two_token_distribution
-
     params = SamplingParams(max_tokens=2, temperature=1.0, top_k=3, ignore_eos=True)
     prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
     expected = exact_two_token_distribution(tiny_target, prompt_ids, params)
