@@ -38,13 +38,14 @@ from ray.exceptions import RayError
 from actors.config import ReplicaConfig
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
+from actors.streaming import RequestStream
 from actors.vllm_proposer import CONFIG_KEY
 from cluster.placement import actor_options
 from specserve.config import SamplingParams, check_engine_fits
 from specserve.errors import Saturated, SpecServeError, TargetFailed
 from specserve.models import ModelInfo, resolve_dtype
-from specserve.outputs import StreamChunk, Usage
-from specserve.sequence import Sequence, stream_holdback
+from specserve.outputs import StreamChunk
+from specserve.sequence import Sequence
 
 log = logging.getLogger("specserve.vllm_core")
 
@@ -55,12 +56,13 @@ _VLLM_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch
 
 @dataclass
 class _Request:
+    """What the core holds for one running request."""
+
     seq: Sequence
-    engine: int
+    engine: int  # index of the target group's engine serving it
     t_arrival: float
     sampling: object  # vllm.SamplingParams
-    emitted_chars: int = 0
-    t_last_token: float = 0.0
+    stream: RequestStream  # builds its chunks and token timing metrics
 
 
 def check_tensor_parallel(info: ModelInfo, tp: int) -> None:
@@ -217,7 +219,8 @@ class VllmCore:
         engine = min(range(len(self.engines)), key=lambda i: sum(r.engine == i for r in self.requests.values()))
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
         sampling = self.vllm_params(seq)  # refuses what vLLM cannot run before anything starts
-        req = _Request(seq, engine, time.perf_counter(), sampling)
+        t_arrival = time.perf_counter()
+        req = _Request(seq, engine, t_arrival, sampling, RequestStream(seq, self.metrics, t_arrival))
         self.requests[seq_id] = req
         self.metrics.set_queue(len(self.requests), 0)
         self.metrics.prompt_tokens(len(prompt_ids))
@@ -257,7 +260,7 @@ class VllmCore:
                     seq.abort("length")  # vLLM stopped at the context limit
                 if seq.finished:
                     self._record_spec(seq, completion.spec_decode_metrics, time.perf_counter() - req.t_arrival)
-                yield self._chunk(req, appended)
+                yield req.stream.chunk(appended)
                 if seq.finished:
                     break
         except (SpecServeError, asyncio.CancelledError, GeneratorExit):
@@ -286,27 +289,6 @@ class VllmCore:
         for _ in range(proposer.get("failed", 0) - self._failures_seen):
             self.metrics.draft_failure()
         self._failures_seen = max(self._failures_seen, proposer.get("failed", 0))
-
-    def _chunk(self, req: _Request, appended: list[int]) -> StreamChunk:
-        seq = req.seq
-        now = time.perf_counter()
-        if appended:
-            if len(seq.output_ids) == len(appended):
-                self.metrics.ttft(now - req.t_arrival)
-            elif req.t_last_token:
-                self.metrics.itl((now - req.t_last_token) / len(appended))
-            req.t_last_token = now
-        text = seq.text
-        end = len(text) if seq.finished else len(text) - stream_holdback(text, seq.params.stop, req.emitted_chars)
-        end = max(req.emitted_chars, end)
-        delta = text[req.emitted_chars : end]
-        req.emitted_chars = end
-        if not seq.finished:
-            return StreamChunk(appended, delta)
-        reason = "length" if seq.finish_reason == "length" else "stop"
-        self.metrics.finished(seq.finish_reason or "stop", len(seq.output_ids), now - req.t_arrival)
-        return StreamChunk(appended, delta, finish_reason=reason, stats=seq.stats.to_dict(),
-                           usage=Usage(len(seq.prompt_ids), len(seq.output_ids)))
 
     def status(self) -> dict:
         """Live counts, for health checks and leak tests."""
