@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distribution import chi_square_p_value, shifted, two_token_distribution
 
 from specserve.config import DrafterConfig, ModelConfig, SamplingParams
 from specserve.drafters import make_drafter
@@ -18,7 +19,6 @@ from specserve.drafters.block import (
 from specserve.engine import SpecEngine
 from specserve.errors import SpecServeError
 from specserve.models import load_model, make_tiny_model
-from specserve.sampling import logits_to_probs
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
@@ -77,35 +77,10 @@ def test_block_drafter_accepting_everything_keeps_its_context_in_step(tiny_targe
     assert result.stats.mean_accepted_length == 5.0
 
 
-def sequence_distribution(target, prompt_ids: list[int], params: SamplingParams) -> dict[tuple[int, int], float]:
-    """Exact probability of every 2-token continuation under the target with ``params``."""
-    with torch.inference_mode():
-        p1 = logits_to_probs(target.model(torch.tensor([prompt_ids])).logits[0, -1:], params)[0]
-        out = {}
-        for t1 in torch.nonzero(p1).flatten().tolist():
-            p2 = logits_to_probs(target.model(torch.tensor([prompt_ids + [t1]])).logits[0, -1:], params)[0]
-            for t2 in torch.nonzero(p2).flatten().tolist():
-                out[(t1, t2)] = float(p1[t1] * p2[t2])
-    return out
-
-
-def chi_square_p_value(counts: dict, expected: dict[tuple, float], n: int) -> float:
-    """Pearson's test of observed counts against probabilities; cells expecting < 5 draws are pooled."""
-    assert sum(counts.get(o, 0) for o in expected) == n, "an outcome the target cannot produce occurred"
-    cells = [(counts.get(o, 0), n * p) for o, p in expected.items() if n * p >= 5]
-    small = [(counts.get(o, 0), n * p) for o, p in expected.items() if n * p < 5]
-    if small:
-        cells.append((sum(c for c, _ in small), sum(e for _, e in small)))
-    stat = sum((c - e) ** 2 / e for c, e in cells)
-    dof = len(cells) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
 def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_target, random_drafter):
     prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
     params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
-    expected = sequence_distribution(tiny_target, prompt_ids, params)
+    expected = two_token_distribution(tiny_target, prompt_ids, params)
     assert len(expected) == 9
     n = 1500
     engine = block_engine(tiny_target, random_drafter, 4)
@@ -117,11 +92,7 @@ def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_targ
     assert chi_square_p_value(counts, expected, n) > 1e-3
     # The same counts reject a distribution that moves 7% of the mass between the two likeliest
     # outcomes: the experiment is large enough to see a bias of that size.
-    top, second = sorted(expected, key=expected.get, reverse=True)[:2]
-    shifted = dict(expected)
-    shifted[top] -= 0.07
-    shifted[second] += 0.07
-    assert chi_square_p_value(counts, shifted, n) < 1e-3
+    assert chi_square_p_value(counts, shifted(expected, 0.07), n) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +133,7 @@ def test_trimmed_vocabulary_drafts_only_its_tokens_and_greedy_stays_exact(tiny_t
 def test_sampling_with_trimmed_vocabulary_preserves_the_target_distribution(tiny_target, trimmed_drafter):
     prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
     params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
-    expected = sequence_distribution(tiny_target, prompt_ids, params)
+    expected = two_token_distribution(tiny_target, prompt_ids, params)
     block = trimmed_drafter
     block.start("probe", prompt_ids, params.model_copy(update={"seed": 0}))
     q = block.propose("probe", prompt_ids, 2).probs  # [2, vocab]: zero outside the draft vocabulary

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distribution import chi_square_p_value, two_token_distribution
 
 from specserve.config import DrafterConfig, SamplingParams, parse_drafter
 from specserve.drafters import make_drafter
 from specserve.drafters.block import BlockDrafter, BlockDrafterConfig, build_model, save_checkpoint
 from specserve.drafters.hybrid import HybridDrafter, _SeqState, _Source
 from specserve.engine import SpecEngine
-from tests.test_block_drafter import chi_square_p_value, plain, sequence_distribution
+from tests.test_block_drafter import plain
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
@@ -69,7 +70,7 @@ def test_commit_scores_the_source_that_drafted(tiny_target, hybrid):
 def test_sampling_with_hybrid_drafter_preserves_the_target_distribution(tiny_target, hybrid):
     prompt_ids = tiny_target.tokenizer.encode("Hello Hello Hello")  # n-gram matches and block drafts both occur
     params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
-    expected = sequence_distribution(tiny_target, prompt_ids, params)
+    expected = two_token_distribution(tiny_target, prompt_ids, params)
     n = 1500
     eng = engine(tiny_target, hybrid, 2)
     counts: dict = {}
