@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from actors.train_workers import run_ray_train
 from cluster.local import init_local_ray
 from specserve.drafters.block import BlockDrafterConfig, read_checkpoint
 from specserve.training.distill import LOG, SERVABLE, DistillConfig
-from specserve.training.ray_train import run_ray_train
 
 pytestmark = pytest.mark.ray
 

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from specserve.config import load_yaml
 from specserve.errors import SpecServeError
 from specserve.training.config import LOSS_PRESETS
 
@@ -166,7 +167,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise SpecServeError("--workers must be >= 0", param="workers")
     if args.workers:
-        from specserve.training.ray_train import run_ray_train
+        from actors.train_workers import run_ray_train
 
         last = run_ray_train(cfg, num_workers=args.workers, use_gpu=args.use_gpu,
                              cpus_per_worker=args.cpus_per_worker, address=args.ray_address, storage=args.storage)
@@ -180,15 +181,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _read_config(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecServeError(f"--config file not found: {path}", param="config")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+    """A training config file (YAML, or JSON, which YAML reads too)."""
+    return load_yaml(path)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

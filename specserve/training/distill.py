@@ -9,7 +9,7 @@ draft vocabulary (soft labels; their argmax is what greedy verification accepts)
 of ``specserve.training.losses`` apply on top of these labels.
 
 The same loop runs in one process (``distill``) and as a Ray Train worker function
-(``specserve.training.ray_train``): a ``Session`` supplies the rank, gradient averaging and
+(``actors.train_workers``): a ``Session`` supplies the rank, gradient averaging and
 checkpointing. The run directory holds ``state.pt`` (weights, optimiser, step, stream position),
 ``drafter.pt`` (the servable bf16 checkpoint, rewritten with every save), ``log.jsonl`` (one JSON
 object per step) and ``vocab.json`` (the draft vocabulary and its coverage).
@@ -88,7 +88,7 @@ class Session:
     """What the loop needs from its runner: rank, gradient averaging, checkpoint I/O.
 
     The single-process runner uses the defaults (rank 0 of 1, files in ``out_dir``); Ray Train
-    supplies its own (``specserve.training.ray_train``).
+    supplies its own (``actors.train_workers``).
     """
 
     rank: int = 0

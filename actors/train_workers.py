@@ -7,8 +7,8 @@ all-reduce before each optimiser step, so all ranks keep identical weights. Rank
 files and reports them as a Ray Train checkpoint; a re-run with the same ``out_dir`` (same run
 name and storage) resumes from the latest one. The same command scales from two CPU workers on
 127.0.0.1 to GPU nodes: ``--workers N --use-gpu --device cuda --storage SHARED_PATH``.
-
-Ray is imported inside the functions only: the rest of ``specserve`` stays importable without it.
+It lives in ``actors/`` because it is Ray's side of training; the loop itself is
+``specserve.training.distill``, Ray-free.
 """
 
 from __future__ import annotations
