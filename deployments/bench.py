@@ -60,7 +60,7 @@ def build_targets(args) -> list[Target]:
     threads = {"num_threads": args.threads}
     topology = {"draft_worker": threads, "target_rank": threads}
     targets = [Target("default (make serve)", {"serve": {"model_name": SERVED_NAME}})] if args.default else []
-    for engine in args.engine:
+    for engine in [] if args.only_default else args.engine:
         for spec in ["none", *args.drafter]:
             if spec.startswith("vllm:") and engine != "vllm":
                 continue
@@ -444,6 +444,8 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--port", type=int, default=8000, help="our server's port; `vllm serve` uses the next one")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine and each actor")
+    p.add_argument("--only-default", action="store_true",
+                   help="measure only the server's default configuration (and the `vllm serve` peers)")
     p.add_argument("--no-default", dest="default", action="store_false",
                    help="skip the server's default configuration (what `make serve` runs)")
     p.add_argument("--no-vllm-peers", dest="vllm_peers", action="store_false",
