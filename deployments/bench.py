@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cluster.local import LOOPBACK
+from specserve.plotting import figure
 
 #: Model name every server under test answers to.
 SERVED_NAME = "bench"
@@ -245,22 +246,14 @@ def markdown_table(results: dict) -> str:
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, rows in results["served"].items():
-        ax.plot([r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent streams")
-    ax.set_ylabel("served tokens/s (all streams)")
-    ax.set_title(f"{results['config']['model']['model']} {results['config']['model']['dtype']}, OpenAI client")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(8, 5)) as (_, ax):
+        for name, rows in results["served"].items():
+            ax.plot([r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel("served tokens/s (all streams)")
+        ax.set_title(f"{results['config']['model']['model']} {results['config']['model']['dtype']}, OpenAI client")
+        ax.legend(fontsize=7)
 
 
 def run(args) -> int:

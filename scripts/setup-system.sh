@@ -7,7 +7,9 @@ if [ -f scripts/fetch-tools.sh ]; then
 fi
 if ! command -v promtool >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+        # Wait for another apt (a second checkout's setup, unattended upgrades) instead of failing on its lock.
+        apt=(apt-get -o DPkg::Lock::Timeout=600)
+        "${apt[@]}" update -qq && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq prometheus >/dev/null
     else
         echo "note: promtool missing and not root: install Debian's 'prometheus' package for the monitoring tests" >&2
     fi

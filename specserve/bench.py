@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from specserve.config import DrafterConfig, SamplingParams
 from specserve.engine import SpecEngine
+from specserve.plotting import figure
 
 BASELINE = "none"
 PEERS = ("hf_generate", "hf_prompt_lookup")
@@ -175,34 +176,26 @@ def _tps(rows: list[dict], method: str) -> float:
 
 def plot(results: dict, path: Path) -> None:
     """Speedup over plain decoding per prompt set and method, with per-prompt points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = [m for m in results["methods"] if m != BASELINE]
     sets = list(results["by_set"])
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(sets) * max(1, len(methods)) / 2), 4.5))
-    width = 0.8 / max(1, len(methods))
-    for j, m in enumerate(methods):
-        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(sets))]
-        ys = [results["by_set"][s][m]["speedup"] for s in sets]
-        ax.bar(xs, ys, width, label=m)
-        for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.2f}x", (x, y), ha="center", va="bottom", fontsize=8)
-        for i, s in enumerate(sets):
-            pts = [r["runs"][m]["speedup"] for r in results["prompts"] if r["set"] == s]
-            ax.scatter([xs[i]] * len(pts), pts, s=6, color="black", alpha=0.4, zorder=3)
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(sets)), sets)
-    ax.set_ylabel("speedup over plain decoding (tokens/s ratio)")
-    cfg = results["config"]
-    ax.set_title(f"{Path(cfg['model']).name} {cfg['dtype']}, max_tokens={cfg['params']['max_tokens']}, "
-                 f"T={cfg['params']['temperature']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(max(6, 2.2 * len(sets) * max(1, len(methods)) / 2), 4.5)) as (_, ax):
+        width = 0.8 / max(1, len(methods))
+        for j, m in enumerate(methods):
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(sets))]
+            ys = [results["by_set"][s][m]["speedup"] for s in sets]
+            ax.bar(xs, ys, width, label=m)
+            for x, y in zip(xs, ys):
+                ax.annotate(f"{y:.2f}x", (x, y), ha="center", va="bottom", fontsize=8)
+            for i, s in enumerate(sets):
+                pts = [r["runs"][m]["speedup"] for r in results["prompts"] if r["set"] == s]
+                ax.scatter([xs[i]] * len(pts), pts, s=6, color="black", alpha=0.4, zorder=3)
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(sets)), sets)
+        ax.set_ylabel("speedup over plain decoding (tokens/s ratio)")
+        cfg = results["config"]
+        ax.set_title(f"{Path(cfg['model']).name} {cfg['dtype']}, max_tokens={cfg['params']['max_tokens']}, "
+                     f"T={cfg['params']['temperature']}")
+        ax.legend(fontsize=8)
 
 
 def markdown_table(results: dict) -> str:
@@ -220,29 +213,22 @@ def markdown_table(results: dict) -> str:
 def plot_acceptance(results: dict, path: Path) -> None:
     """Acceptance by depth (share of drafts whose token at depth d was accepted) per drafting method,
     and the mean verification time per target pass, per prompt set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     summaries = {**results["by_set"], "all": results["overall"]}
     methods = [m for m in results["methods"] if m != BASELINE and "acceptance_by_depth" in results["overall"].get(m, {})]
     if not methods:
         return
-    fig, axes = plt.subplots(1, len(summaries), figsize=(4.2 * len(summaries), 3.8), sharey=True, squeeze=False)
-    for ax, (set_name, summary) in zip(axes[0], summaries.items()):
-        for m in methods:
-            by_depth = summary[m]["acceptance_by_depth"]
-            ax.plot(range(1, len(by_depth) + 1), by_depth, marker="o", markersize=3,
-                    label=f"{m}: {summary[m]['pooled_accepted_length']:.2f} tok/pass, "
-                    f"{summary[m]['verify_ms_per_pass']:.0f} ms/pass")
-        ax.set_title(f"{set_name} ({summary[methods[0]]['prompts']} prompts)")
-        ax.set_xlabel("draft depth")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("acceptance rate at depth")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(4.2 * len(summaries), 3.8), ncols=len(summaries), sharey=True,
+                squeeze=False) as (_, axes):
+        for ax, (set_name, summary) in zip(axes[0], summaries.items()):
+            for m in methods:
+                by_depth = summary[m]["acceptance_by_depth"]
+                ax.plot(range(1, len(by_depth) + 1), by_depth, marker="o", markersize=3,
+                        label=f"{m}: {summary[m]['pooled_accepted_length']:.2f} tok/pass, "
+                        f"{summary[m]['verify_ms_per_pass']:.0f} ms/pass")
+            ax.set_title(f"{set_name} ({summary[methods[0]]['prompts']} prompts)")
+            ax.set_xlabel("draft depth")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("acceptance rate at depth")
 
 
 def tree_table(results: dict) -> str:

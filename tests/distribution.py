@@ -8,6 +8,13 @@ from specserve.config import SamplingParams
 from specserve.sampling import logits_to_probs
 
 
+def onehot_logits(ids: list[int], vocab: int = 8) -> torch.Tensor:
+    """Logits under which the target's argmax at row i is ``ids[i]``, by a wide margin."""
+    logits = torch.full((len(ids), vocab), -10.0)
+    logits[torch.arange(len(ids)), torch.tensor(ids)] = 10.0
+    return logits  # [len(ids), vocab]
+
+
 def two_token_distribution(target, prompt_ids: list[int], params: SamplingParams) -> dict[tuple[int, int], float]:
     """Exact P(t1, t2) of every 2-token continuation under the target with ``params`` applied."""
     with torch.inference_mode():
@@ -44,3 +51,15 @@ def shifted(expected: dict[tuple, float], mass: float) -> dict[tuple, float]:
     out[top] -= mass
     out[second] += mass
     return out
+
+
+def sample_outcomes(engine, prompt_ids: list[int], params: SamplingParams, n: int) -> tuple[dict[tuple, int], int]:
+    """Generate ``n`` seeded continuations with ``engine``: counts per outcome and draft tokens proposed."""
+    counts: dict[tuple, int] = {}
+    drafted = 0
+    for seed in range(n):
+        result = engine.generate(prompt_ids, params.model_copy(update={"seed": seed}))
+        key = tuple(result.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+        drafted += result.stats.num_draft_tokens
+    return counts, drafted

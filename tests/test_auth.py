@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from serve_helpers import deploy as deploy_at
+from serve_helpers import free_port
 
 from cluster.local import LOOPBACK, use_loopback
 from deployments.auth import KEYS_ENV, KEYS_FILE_ENV, APIKeyAuth, InvalidAPIKey, parse_keys
@@ -28,12 +29,6 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 ENV_KEYS = [f"sk-env-{secrets.token_hex(12)}", f"sk-env2-{secrets.token_hex(12)}"]
 FILE_KEY = f"sk-file-{secrets.token_hex(12)}"
 WRONG_KEY = f"sk-wrong-{secrets.token_hex(12)}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 HTTP_PORT = free_port()
@@ -174,11 +169,7 @@ def ray_serve():
 
 
 def deploy(serve, name: str, prefix: str, config: dict) -> str:
-    from deployments.app import build_app, wait_until_ready
-
-    serve.run(build_app(config), name=name, route_prefix=prefix, blocking=False)
-    wait_until_ready(name)
-    return BASE + prefix
+    return deploy_at(serve, BASE, name, prefix, config)
 
 
 def tiny_config(tiny_dir, **serve_opts) -> dict:

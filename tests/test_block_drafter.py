@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distribution import chi_square_p_value, shifted, two_token_distribution
+from distribution import chi_square_p_value, sample_outcomes, shifted, two_token_distribution
 
 from specserve.config import DrafterConfig, ModelConfig, SamplingParams
 from specserve.drafters import make_drafter
@@ -84,10 +84,7 @@ def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_targ
     assert len(expected) == 9
     n = 1500
     engine = block_engine(tiny_target, random_drafter, 4)
-    counts: dict = {}
-    for seed in range(n):
-        ids = tuple(engine.generate(prompt_ids, params.model_copy(update={"seed": seed})).token_ids)
-        counts[ids] = counts.get(ids, 0) + 1
+    counts, _ = sample_outcomes(engine, prompt_ids, params, n)
     assert engine.drafter.states == {}
     assert chi_square_p_value(counts, expected, n) > 1e-3
     # The same counts reject a distribution that moves 7% of the mass between the two likeliest
@@ -144,10 +141,7 @@ def test_sampling_with_trimmed_vocabulary_preserves_the_target_distribution(tiny
     assert float(q[:, outside].abs().sum()) == 0.0 and torch.allclose(q.sum(1), torch.ones(2))
     n = 1500
     engine = block_engine(tiny_target, block, 4)
-    counts: dict = {}
-    for seed in range(n):
-        ids = tuple(engine.generate(prompt_ids, params.model_copy(update={"seed": seed})).token_ids)
-        counts[ids] = counts.get(ids, 0) + 1
+    counts, _ = sample_outcomes(engine, prompt_ids, params, n)
     assert chi_square_p_value(counts, expected, n) > 1e-3
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distribution import chi_square_p_value, shifted, two_token_distribution
+from distribution import chi_square_p_value, sample_outcomes, shifted, two_token_distribution
 
 from specserve.config import DrafterConfig, SamplingParams
 from specserve.drafters import make_drafter
@@ -184,13 +184,7 @@ def test_sampling_preserves_the_target_distribution_for_every_drafter(tiny_targe
     real_kind = "draft_model" if kind.startswith("draft_model") else kind
     engine = engine_for(tiny_target, real_kind, 3, path=drafter_paths.get(kind))
     n = 300
-    counts: dict[tuple[int, int], int] = {}
-    drafted = 0
-    for seed in range(n):
-        result = engine.generate(prompt_ids, params.model_copy(update={"seed": seed}))
-        key = tuple(result.token_ids)
-        counts[key] = counts.get(key, 0) + 1
-        drafted += result.stats.num_draft_tokens
+    counts, drafted = sample_outcomes(engine, prompt_ids, params, n)
     if kind != "none":
         assert drafted > 0, "the drafter never proposed: the test would not exercise acceptance"
     assert chi_square_p_value(counts, expected, n) > 1e-3, counts

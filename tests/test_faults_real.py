@@ -16,13 +16,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+from serve_helpers import free_port, wait_idle
 
 from cluster.local import LOOPBACK, use_loopback
 
@@ -41,12 +41,6 @@ STREAMS_TIMEOUT_S = 300
 PROMPTS = [json.loads(line)["prompt"]
            for line in (Path(__file__).resolve().parents[1] / "prompts" / "grounded.jsonl").read_text().splitlines()
            if line.strip()][:NUM_STREAMS]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 HTTP_PORT = free_port()
@@ -158,20 +152,6 @@ async def run_streams(kill_pid: int | None = None, n: int = NUM_STREAMS) -> tupl
     return streams, finished_at_kill
 
 
-def wait_idle(timeout_s: float = 60) -> dict:
-    """Poll the router's status until no request runs and no worker holds a sequence (or the deadline)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = httpx.get(BASE + "/v1/router/status", timeout=30).json()
-        held = status["held"]
-        if status["running"] == 0 and held["router"] == 0 and not any(held["draft_workers"]) \
-                and not any(held["target_groups"]):
-            return status
-        if time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
-
-
 def idle_held() -> dict:
     return {"router": 0, "draft_workers": [0], "target_groups": [0, 0]}
 
@@ -197,7 +177,7 @@ def test_a_draft_worker_killed_mid_way_leaves_every_stream_exact(app, expected):
     later, _ = asyncio.run(run_streams(n=2))
     assert [s.text for s in later] == expected[:2]
     assert sum(s.spec_decode.get("num_drafts", 0) for s in later) > 0
-    assert wait_idle()["held"] == idle_held()
+    assert wait_idle(BASE, timeout_s=60)["held"] == idle_held()
 
 
 def test_a_target_rank_killed_mid_way_fails_only_its_groups_requests(app, expected):
@@ -223,4 +203,4 @@ def test_a_target_rank_killed_mid_way_fails_only_its_groups_requests(app, expect
     assert [s.error for s in later] == [None] * 4
     assert [s.text for s in later] == expected[:4]
     assert victim not in [g[0]["pid"] for g in placement()["target_groups"]]
-    assert wait_idle()["held"] == idle_held()
+    assert wait_idle(BASE, timeout_s=60)["held"] == idle_held()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distribution import chi_square_p_value, two_token_distribution
+from distribution import chi_square_p_value, sample_outcomes, two_token_distribution
 
 from specserve.config import DrafterConfig, SamplingParams, parse_drafter
 from specserve.drafters import make_drafter
@@ -73,10 +73,7 @@ def test_sampling_with_hybrid_drafter_preserves_the_target_distribution(tiny_tar
     expected = two_token_distribution(tiny_target, prompt_ids, params)
     n = 1500
     eng = engine(tiny_target, hybrid, 2)
-    counts: dict = {}
-    for seed in range(n):
-        ids = tuple(eng.generate(prompt_ids, params.model_copy(update={"seed": seed})).token_ids)
-        counts[ids] = counts.get(ids, 0) + 1
+    counts, _ = sample_outcomes(eng, prompt_ids, params, n)
     assert chi_square_p_value(counts, expected, n) > 1e-3
 
 

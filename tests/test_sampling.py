@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distribution import onehot_logits
 
 from specserve.config import SamplingParams
 from specserve.sampling import logits_to_probs, make_generator, verify_block
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLE = SamplingParams(temperature=1.0)
-
-
-def onehot_logits(ids: list[int], vocab: int = 8) -> torch.Tensor:
-    logits = torch.full((len(ids), vocab), -10.0)
-    logits[torch.arange(len(ids)), torch.tensor(ids)] = 10.0
-    return logits  # [len(ids), vocab]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -16,6 +15,8 @@ import urllib.request
 
 import httpx
 import pytest
+from serve_helpers import deploy as deploy_at
+from serve_helpers import free_port, wait_idle
 
 from cluster.local import LOOPBACK, use_loopback
 
@@ -24,12 +25,6 @@ pytestmark = pytest.mark.ray
 use_loopback()
 # Ray pushes metrics to its exporter every 10 s by default; the Prometheus test wants them sooner.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 HTTP_PORT = free_port()
@@ -52,11 +47,7 @@ def ray_serve():
 
 
 def deploy(serve, name: str, prefix: str, config: dict) -> str:
-    from deployments.app import build_app, wait_until_ready
-
-    serve.run(build_app(config), name=name, route_prefix=prefix, blocking=False)
-    wait_until_ready(name)
-    return BASE + (prefix if prefix != "/" else "")
+    return deploy_at(serve, BASE, name, prefix, config)
 
 
 def tiny_config(tiny_dir, **serve_opts) -> dict:
@@ -124,23 +115,6 @@ def reference_text(tiny_target, prompt: str, max_tokens: int) -> str:
     cfg = DrafterConfig(kind="none", num_speculative_tokens=0)
     engine = SpecEngine(tiny_target, make_drafter(cfg, tiny_target), cfg)
     return engine.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)).text
-
-
-def router_status(base: str) -> dict:
-    return httpx.get(base + "/v1/router/status", timeout=30).json()
-
-
-def wait_idle(base: str, timeout_s: float = 30) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = router_status(base)
-        held = status["held"]
-        if status["running"] == 0 and held["router"] == 0 and not any(held["draft_workers"]) \
-                and not any(held["target_groups"]):
-            return status
-        if time.monotonic() > deadline:
-            return status
-        time.sleep(0.2)
 
 
 def test_models_and_health_endpoints(tiny_app, client):

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from distribution import chi_square_p_value, shifted, two_token_distribution
+from distribution import chi_square_p_value, sample_outcomes, shifted, two_token_distribution
 from transformers import DynamicCache
 
 from specserve.cli import main
@@ -362,12 +362,8 @@ def test_tree_sampling_preserves_the_target_distribution(tiny_target, tiny_draft
     engine = engine_for(tiny_target, kind, 3, tree_nodes=9,
                         path=str(tiny_draft_dir) if kind == "draft_model" else None)
     n = 300
-    counts: dict[tuple[int, int], int] = {}
     nodes_before = engine.drafter.num_nodes
-    for seed in range(n):
-        result = engine.generate(prompt_ids, params.model_copy(update={"seed": seed}))
-        key = tuple(result.token_ids)
-        counts[key] = counts.get(key, 0) + 1
+    counts, _ = sample_outcomes(engine, prompt_ids, params, n)
     assert engine.drafter.num_nodes - nodes_before > n, "the trees must branch for the test to mean anything"
     assert chi_square_p_value(counts, expected, n) > 1e-3, counts
     # The same counts reject a 10% shift of mass between the two likeliest outcomes: the test has power.

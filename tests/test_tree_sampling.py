@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from distribution import onehot_logits
 
 from specserve.config import SamplingParams
 from specserve.sampling import logits_to_probs, make_generator, verify_tree
@@ -15,12 +16,6 @@ from specserve.tree import ROOT, DraftTree
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLE = SamplingParams(temperature=1.0)
-
-
-def onehot_logits(ids: list[int], vocab: int = 10) -> torch.Tensor:
-    logits = torch.full((len(ids), vocab), -10.0)
-    logits[torch.arange(len(ids)), torch.tensor(ids)] = 10.0
-    return logits  # [len(ids), vocab]
 
 
 def example_tree() -> DraftTree:
@@ -48,12 +43,12 @@ def example_tree() -> DraftTree:
     ids=["deepest-path", "second-sibling", "second-root-branch", "reject-middle", "reject-first"],
 )
 def test_greedy_tree_verification_takes_the_longest_matching_path(argmax, tokens, path):
-    verdict = verify_tree(onehot_logits(argmax), example_tree(), GREEDY, None)
+    verdict = verify_tree(onehot_logits(argmax, vocab=10), example_tree(), GREEDY, None)
     assert verdict.tokens == tokens and verdict.path == path and verdict.num_accepted == len(path)
 
 
 def test_empty_tree_is_plain_decoding():
-    verdict = verify_tree(onehot_logits([4]), DraftTree(), GREEDY, None)
+    verdict = verify_tree(onehot_logits([4], vocab=10), DraftTree(), GREEDY, None)
     assert verdict.tokens == [4] and verdict.num_accepted == 0
 
 
