@@ -14,6 +14,8 @@ PY=${PY:-.venv/bin/python}
 RUN=${RUN:-/work/runs/distill-smollm2}
 STEPS=${STEPS:-1000000}
 DTYPE=${DTYPE:-fp32}   # fp32: ~2x the teacher's speed of bf16 on AVX2-only CPUs; bf16 where it is native
+THREADS=${THREADS:-1}  # 2 on an otherwise idle 2-core machine
+NICE=${NICE:-15}
 ASSET=specserve/assets/drafters/smollm2-135m-block.pt
 
 case ${1:-status} in
@@ -21,8 +23,8 @@ case ${1:-status} in
     mkdir -p "$RUN"
     init=()
     [[ ! -f $RUN/state.pt && -f $ASSET ]] && init=(--init-from "$ASSET")
-    nohup nice -n 15 "$PY" -m specserve.cli distill-drafter --out "$RUN" --dtype "$DTYPE" --steps "$STEPS" \
-      --anchors 64 --save-every 10 --threads 1 "${init[@]}" >> "$RUN/train.log" 2>&1 &
+    nohup nice -n "$NICE" "$PY" -m specserve.cli distill-drafter --out "$RUN" --dtype "$DTYPE" --steps "$STEPS" \
+      --anchors 64 --save-every 10 --threads "$THREADS" "${init[@]}" >> "$RUN/train.log" 2>&1 &
     echo "$!" > "$RUN/pid"
     echo "started PID $! in $RUN (log $RUN/train.log, JSON log $RUN/log.jsonl)"
     ;;

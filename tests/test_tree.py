@@ -15,12 +15,12 @@ from specserve.cli import main
 from specserve.config import DrafterConfig, SamplingParams, TreeConfig
 from specserve.drafters import make_drafter
 from specserve.drafters.ngram import lookup, ngram_tree
+from specserve.drafters.tree import AdaptiveTreeBudget
 from specserve.engine import SpecEngine
 from specserve.errors import SpecServeError
 from specserve.target import StepRequest, TreeStepRequest, Verifier
 from specserve.tree import (
     ROOT,
-    AdaptiveTreeBudget,
     DraftTree,
     flatten,
     prune,

@@ -14,7 +14,8 @@ def make_drafter(cfg: DrafterConfig, target: LoadedModel) -> Drafter:
     """Build the drafter ``cfg`` names, checking that it fits ``target``."""
     if cfg.tree.max_nodes and cfg.kind != "none" and cfg.num_speculative_tokens:
         from specserve.config import TreeConfig
-        from specserve.tree import TreeDrafter, check_budget
+        from specserve.drafters.tree import TreeDrafter
+        from specserve.tree import check_budget
 
         check_budget(cfg.tree, target.max_context)
         return TreeDrafter(make_drafter(cfg.model_copy(update={"tree": TreeConfig()}), target), cfg.tree)
