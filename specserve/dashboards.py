@@ -146,7 +146,8 @@ def dashboards() -> tuple[Dashboard, ...]:
                 (_rate(_DRAFTS), "blocks {{model}}"),
                 (_rate(_DRAFT_TOKENS), "draft tokens {{model}}"),
                 (_rate(_ACCEPTED), "accepted tokens {{model}}"),
-            ), "short"),
+                (_rate(m.NUM_PIPELINED_DRAFTS.exported()), "pipelined blocks {{model}}"),
+            ), "short", "Pipelined blocks were drafted while the previous block was verified (costly drafters only)."),
             Panel("Draft worker failures per second", (
                 (_rate(m.DRAFT_WORKER_RESTARTS.exported()), "{{model}}"),
             ), "short", "Failed draft calls; the router falls back to plain decoding meanwhile."),

@@ -63,3 +63,33 @@ def sample_outcomes(engine, prompt_ids: list[int], params: SamplingParams, n: in
         counts[key] = counts.get(key, 0) + 1
         drafted += result.stats.num_draft_tokens
     return counts, drafted
+
+
+#: The cell that pools every outcome outside the few likeliest ones (:func:`top_two_token_distribution`).
+OTHER = ("other",)
+
+
+def top_two_token_distribution(target, prompt_ids: list[int], params: SamplingParams,
+                               top: int = 6) -> dict[tuple, float]:
+    """Exact P(t1, t2) of the likeliest ``top`` x ``top`` 2-token continuations, the rest pooled in ``OTHER``.
+
+    For sampling without top-k / top-p, where every pair of the vocabulary is possible.
+    """
+    with torch.inference_mode():
+        p1 = logits_to_probs(target.model(torch.tensor([prompt_ids])).logits[0, -1:], params)[0]  # [vocab]
+        out = {}
+        for t1 in torch.topk(p1, top).indices.tolist():
+            p2 = logits_to_probs(target.model(torch.tensor([prompt_ids + [t1]])).logits[0, -1:], params)[0]
+            for t2 in torch.topk(p2, top).indices.tolist():
+                out[(t1, t2)] = float(p1[t1] * p2[t2])
+    out[OTHER] = max(0.0, 1.0 - sum(out.values()))
+    return out
+
+
+def pooled(counts: dict[tuple, int], expected: dict[tuple, float]) -> dict[tuple, int]:
+    """``counts`` with every outcome that ``expected`` does not list counted in ``OTHER``."""
+    out: dict[tuple, int] = {}
+    for outcome, c in counts.items():
+        key = outcome if outcome in expected else OTHER
+        out[key] = out.get(key, 0) + c
+    return out

@@ -277,8 +277,15 @@ def test_a_killed_draft_worker_does_not_break_in_flight_streams(tiny_app, tiny_t
     assert info["pid"] != pid
 
 
-def test_prometheus_scrapes_every_dashboard_query_and_recording_rule(prometheus, client):
+def test_prometheus_scrapes_every_dashboard_query_and_recording_rule(prometheus, client, ray_serve, tiny_dir):
     from specserve.dashboards import _panel_exprs, dashboard_json, dashboards, prometheus_rules
+
+    # The tiny model drafting for itself: every block is accepted, so pipelined blocks are used.
+    self_draft = tiny_config(tiny_dir, max_model_len=256)
+    self_draft["drafter"] = {"kind": "draft_model", "path": str(tiny_dir), "num_speculative_tokens": 3}
+    base = deploy(ray_serve, "selfdraft", "/selfdraft", self_draft)
+    httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "a b c", "max_tokens": 24,
+                                                "temperature": 0, "ignore_eos": True}, timeout=120).raise_for_status()
 
     exprs = [e.replace("$__rate_interval", "5m").replace("$model", ".*")
              for e in _panel_exprs([dashboard_json(d) for d in dashboards()])]
