@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cluster.local import LOOPBACK
+from specserve.config import apply_serve_defaults
 from specserve.plotting import figure
 
 #: Model name every server under test answers to.
@@ -60,7 +61,9 @@ def build_targets(args) -> list[Target]:
     model = {"model": args.model, "dtype": args.dtype}
     threads = {"num_threads": args.threads}
     topology = {"draft_worker": threads, "target_rank": threads}
-    targets = [Target("default (make serve)", {"serve": {"model_name": SERVED_NAME}})] if args.default else []
+    # What `specserve serve` runs on a config that names no engine and no drafter (engine vllm where installed).
+    default = apply_serve_defaults({"model": model, "serve": {"model_name": SERVED_NAME}})
+    targets = [Target("default (make serve)", default)] if args.default else []
     for engine in [] if args.only_default else args.engine:
         for spec in ["none", *args.drafter]:
             if spec.startswith("vllm:") and engine != "vllm":
@@ -78,9 +81,10 @@ def build_targets(args) -> list[Target]:
                                       _with_pipelining(base, engine, on), drafter=drafter))
     if args.vllm_peers:
         targets.append(Target("`vllm serve` plain"))
-        targets.append(Target(f"`vllm serve` ngram k={args.peer_k}",
-                              peer_spec={"method": "ngram", "num_speculative_tokens": args.peer_k,
-                                         "prompt_lookup_max": 4, "prompt_lookup_min": 1}))
+        for k in args.peer_k:  # the peer at its best: several n-gram block lengths
+            targets.append(Target(f"`vllm serve` ngram k={k}",
+                                  peer_spec={"method": "ngram", "num_speculative_tokens": k,
+                                             "prompt_lookup_max": 4, "prompt_lookup_min": 1}))
     return targets
 
 
@@ -182,7 +186,8 @@ def run_vllm_peer(target: Target, prompts: list[str], args, model_dir: str, dtyp
     if target.peer_spec:
         cmd += ["--speculative-config", json.dumps(target.peer_spec)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    log = open(Path(args.out) / f"vllm-serve-{'ngram' if target.peer_spec else 'plain'}.log", "w")
+    name = f"ngram-k{target.peer_spec['num_speculative_tokens']}" if target.peer_spec else "plain"
+    log = open(Path(args.out) / f"vllm-serve-{name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 900
@@ -443,7 +448,8 @@ def add_parser(sub) -> None:
                    help="skip the server's default configuration (what `make serve` runs)")
     p.add_argument("--no-vllm-peers", dest="vllm_peers", action="store_false",
                    help="skip `vllm serve` plain and n-gram")
-    p.add_argument("--peer-k", type=int, default=4, help="k of `vllm serve`'s n-gram peer")
+    p.add_argument("--peer-k", type=int, nargs="+", default=[4],
+                   help="k of `vllm serve`'s n-gram peer (several: one peer each)")
     p.add_argument("--in-process", action="store_true",
                    help="also run the in-process hf engine (actor-hop overhead per token)")
     p.add_argument("--out", required=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
@@ -15,6 +18,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def local_serve(http_port: int, env: dict[str, str] | None = None, **ray_options) -> Iterator[object]:
+    """A local Ray (``init_local_ray(**ray_options)``) and Serve with HTTP on 127.0.0.1:``http_port``.
+
+    ``env`` is set while Ray starts: its worker processes inherit the environment fixed then (as a pod's would).
+    """
+    from ray import serve
+
+    from cluster.local import init_local_ray
+
+    previous = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        ray = init_local_ray(**ray_options)
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    serve.start(http_options={"host": LOOPBACK, "port": http_port})
+    try:
+        yield serve
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def deploy(serve, base: str, name: str, prefix: str, config: dict) -> str:

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 from serve_helpers import deploy as deploy_at
-from serve_helpers import free_port
+from serve_helpers import free_port, local_serve
 
 from cluster.local import LOOPBACK, use_loopback
 from deployments.auth import KEYS_ENV, KEYS_FILE_ENV, APIKeyAuth, InvalidAPIKey, parse_keys
@@ -148,24 +148,9 @@ def test_chart_without_a_secret_has_no_key_wiring_and_openshift_turns_it_on():
 @pytest.fixture(scope="module")
 def ray_serve():
     """One local Ray + Serve for the module whose workers see ``SPECSERVE_API_KEYS`` (as a pod's would)."""
-    from ray import serve
-
-    from cluster.local import init_local_ray
-
-    # Ray's worker processes inherit the environment of the node they run on, fixed when Ray starts.
-    previous = os.environ.get(KEYS_ENV)
-    os.environ[KEYS_ENV] = ",".join(ENV_KEYS)
-    try:
-        ray = init_local_ray(num_cpus=8, metrics_export_port=METRICS_PORT)
-    finally:
-        if previous is None:
-            os.environ.pop(KEYS_ENV)
-        else:
-            os.environ[KEYS_ENV] = previous
-    serve.start(http_options={"host": LOOPBACK, "port": HTTP_PORT})
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(HTTP_PORT, env={KEYS_ENV: ",".join(ENV_KEYS)}, num_cpus=8,
+                     metrics_export_port=METRICS_PORT) as serve:
+        yield serve
 
 
 def deploy(serve, name: str, prefix: str, config: dict) -> str:

@@ -16,7 +16,7 @@ import urllib.request
 import httpx
 import pytest
 from serve_helpers import deploy as deploy_at
-from serve_helpers import free_port, wait_idle
+from serve_helpers import free_port, local_serve, wait_idle
 
 from cluster.local import LOOPBACK, use_loopback
 
@@ -35,15 +35,8 @@ BASE = f"http://{LOOPBACK}:{HTTP_PORT}"
 @pytest.fixture(scope="module")
 def ray_serve():
     """One local Ray + Serve for the module, HTTP on 127.0.0.1."""
-    from ray import serve
-
-    from cluster.local import init_local_ray
-
-    ray = init_local_ray(num_cpus=8, metrics_export_port=METRICS_PORT)
-    serve.start(http_options={"host": LOOPBACK, "port": HTTP_PORT})
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(HTTP_PORT, num_cpus=8, metrics_export_port=METRICS_PORT) as serve:
+        yield serve
 
 
 def deploy(serve, name: str, prefix: str, config: dict) -> str:

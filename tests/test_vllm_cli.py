@@ -40,3 +40,20 @@ def test_serve_refuses_a_bad_engine_config_before_starting_anything(tmp_path, ya
     out = run_cli("serve", "--config", str(cfg), "--port", "18999", timeout=120)
     assert out.returncode == 2, out.stderr
     assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_bench_serve_measures_as_default_what_serve_runs():
+    import argparse
+
+    from deployments.bench import add_parser, build_targets
+    from specserve.config import apply_serve_defaults
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    args = sub.choices["bench-serve"].parse_args(["--prompts", "sharegpt:1", "--out", "unused", "--only-default"])
+    default, *peers = build_targets(args)
+    assert default.label == "default (make serve)"
+    served = apply_serve_defaults({"model": {"model": "default", "dtype": "auto"}})
+    assert default.app_args["model"]["engine"] == served["model"].get("engine", "hf")
+    assert default.app_args.get("drafter") == served.get("drafter")
+    assert [p.label for p in peers] == ["`vllm serve` plain", "`vllm serve` ngram k=4"]

@@ -137,35 +137,37 @@ def test_a_draft_model_on_its_own_actor_is_token_identical_to_plain_vllm(loop, r
     assert stats.get("calls", 0) > 0 and stats.get("failed", 0) == 0
 
 
+#: A repetitive prompt: the n-gram drafter proposes on the second token.
+REPEATING = "one two three one two three one two three one two"
+
+
+def sample_through(loop, core, prompt_ids: list[int], params: SamplingParams, n: int) -> dict[tuple, int]:
+    """``n`` seeded 2-token samples through ``core`` at once: counts per outcome (the drafter must propose)."""
+    async def body():
+        return await asyncio.gather(*[collect(core, prompt_ids, params.model_copy(update={"seed": s}))
+                                      for s in range(n)])
+
+    results = loop.run_until_complete(body())
+    assert sum(last.stats["num_draft_tokens"] for _, last in results) > 0, "the drafter never proposed"
+    counts: dict[tuple, int] = {}
+    for tokens, _ in results:
+        counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
+    return counts
+
+
 def test_temperature_sampling_through_vllm_with_the_remote_proposer_keeps_the_target_distribution(
         loop, ngram_core, real_target):
     from distribution import chi_square_p_value, pooled, shifted, top_two_token_distribution
 
     # Temperature only (no top-k / top-p): the likeliest 6 x 6 continuations exactly, the rest pooled.
     params = SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)
-    # A repetitive prompt: the n-gram drafter proposes on the second token.
-    prompt_ids = real_target.tokenizer.encode("one two three one two three one two three one two")
+    prompt_ids = real_target.tokenizer.encode(REPEATING)
     expected = top_two_token_distribution(real_target, prompt_ids, params)
     n = 300
-
-    async def body():
-        return await asyncio.gather(*[collect(ngram_core, prompt_ids, params.model_copy(update={"seed": s}))
-                                      for s in range(n)])
-
-    results = loop.run_until_complete(body())
-    counts = pooled(sample_counts(results), expected)
-    assert sum(last.stats["num_draft_tokens"] for _, last in results) > 0, "the drafter never proposed"
+    counts = pooled(sample_through(loop, ngram_core, prompt_ids, params, n), expected)
     assert chi_square_p_value(counts, expected, n) > 1e-3, counts
     # The same counts reject a 10% shift of mass between the two likeliest outcomes: the test has power.
     assert chi_square_p_value(counts, shifted(expected, 0.10), n) < 1e-3
-
-
-def sample_counts(results) -> dict[tuple, int]:
-    """How often each token tuple came out of ``collect`` results."""
-    counts: dict[tuple, int] = {}
-    for tokens, _ in results:
-        counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
-    return counts
 
 
 @pytest.mark.xfail(strict=False, reason="vLLM 0.32 on the CPU yields 2-token outcomes outside our top-p nucleus "
@@ -176,18 +178,10 @@ def test_sampling_through_vllm_with_the_remote_proposer_keeps_the_target_distrib
     from distribution import chi_square_p_value, shifted, two_token_distribution
 
     params = SamplingParams(max_tokens=2, temperature=1.0, top_p=0.7, ignore_eos=True)
-    # A repetitive prompt: the n-gram drafter proposes on the second token.
-    prompt_ids = real_target.tokenizer.encode("one two three one two three one two three one two")
+    prompt_ids = real_target.tokenizer.encode(REPEATING)
     expected = two_token_distribution(real_target, prompt_ids, params)
     n = 300
-
-    async def body():
-        return await asyncio.gather(*[collect(ngram_core, prompt_ids, params.model_copy(update={"seed": s}))
-                                      for s in range(n)])
-
-    results = loop.run_until_complete(body())
-    counts = sample_counts(results)
-    assert sum(last.stats["num_draft_tokens"] for _, last in results) > 0, "the drafter never proposed"
+    counts = sample_through(loop, ngram_core, prompt_ids, params, n)
     assert chi_square_p_value(counts, expected, n) > 1e-3, counts
     assert chi_square_p_value(counts, shifted(expected, 0.10), n) < 1e-3
 
