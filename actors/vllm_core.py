@@ -122,6 +122,10 @@ class VllmCore:
             await self._start_workers()
         if cfg.model.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.model.vllm.kv_cache_gb)))
+            if self.speculating:
+                log.warning("engine vllm on the CPU with speculative decoding: greedy output is exact, but vLLM "
+                            "0.32's CPU speculative sampling was measured not to keep the target distribution "
+                            "(docs/benchmarks.md, section 3); use engine hf where sampled output must be exact")
         args = self.engine_args()
         for _ in range(cfg.topology.num_target_groups):
             self.engines.append(AsyncLLM.from_engine_args(args))

@@ -155,6 +155,9 @@ def sample_through(loop, core, prompt_ids: list[int], params: SamplingParams, n:
     return counts
 
 
+@pytest.mark.xfail(strict=False, reason="vLLM 0.32's speculative sampling on the CPU does not keep the target "
+                   "distribution, with its own n-gram drafter too (pooled chi-square p ~ 1e-12 at temperature 1 "
+                   "while plain vLLM passes at p ~ 0.95: docs/benchmarks.md, section 3)")
 def test_temperature_sampling_through_vllm_with_the_remote_proposer_keeps_the_target_distribution(
         loop, ngram_core, real_target):
     from distribution import chi_square_p_value, pooled, shifted, top_two_token_distribution
@@ -170,9 +173,9 @@ def test_temperature_sampling_through_vllm_with_the_remote_proposer_keeps_the_ta
     assert chi_square_p_value(counts, shifted(expected, 0.10), n) < 1e-3
 
 
-@pytest.mark.xfail(strict=False, reason="vLLM 0.32 on the CPU yields 2-token outcomes outside our top-p nucleus "
-                   "with speculation on (its top-p boundary or its per-token expansion of sampling params; "
-                   "open, see docs/benchmarks.md)")
+@pytest.mark.xfail(strict=False, reason="vLLM 0.32's speculative sampling on the CPU does not keep the target "
+                   "distribution (with top_p 0.7 its own n-gram drafter gives chi-square p ~ 5e-50; plain vLLM "
+                   "passes: docs/benchmarks.md, section 3)")
 def test_sampling_through_vllm_with_the_remote_proposer_keeps_the_target_distribution(loop, ngram_core,
                                                                                        real_target):
     from distribution import chi_square_p_value, shifted, two_token_distribution
