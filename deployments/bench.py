@@ -65,7 +65,7 @@ def build_targets(args) -> list[Target]:
     default = apply_serve_defaults({"model": model, "serve": {"model_name": SERVED_NAME}})
     targets = [Target("default (make serve)", default)] if args.default else []
     for engine in [] if args.only_default else args.engine:
-        for spec in ["none", *args.drafter]:
+        for spec in dict.fromkeys(["none", *args.drafter]):  # plain decoding once, even if named
             if spec.startswith("vllm:") and engine != "vllm":
                 continue
             drafter = drafter_from_spec(spec, args.k, not args.no_adaptive)
