@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-RUN=${RUN:-/work/runs/distill-smollm2}
+RUN=${RUN:-$(cd .. && pwd)/runs/distill-smollm2}  # beside the checkout: survives a fresh work tree
 STEPS=${STEPS:-1000000}
 DTYPE=${DTYPE:-fp32}   # fp32: ~2x the teacher's speed of bf16 on AVX2-only CPUs; bf16 where it is native
 THREADS=${THREADS:-1}  # 2 on an otherwise idle 2-core machine
