@@ -80,6 +80,20 @@ def check_tensor_parallel(info: ModelInfo, tp: int) -> None:
                              param="topology.tensor_parallel_size")
 
 
+def _check_cpu_sampling_fix() -> None:
+    """Refuse to serve on the CPU without the plugin that keeps vLLM's speculative sampling exact."""
+    from importlib.metadata import entry_points
+
+    if not any(e.value == "actors.vllm_plugin:register" for e in entry_points(group="vllm.general_plugins")):
+        raise SpecServeError("engine vllm on the CPU needs specserve's vLLM plugin (actors.vllm_plugin), which is "
+                             "registered when specserve is installed with pip: reinstall it (make setup)",
+                             param="model.engine")
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and "specserve_cpu_sampling" not in allowed.split(","):
+        raise SpecServeError("VLLM_PLUGINS leaves out specserve_cpu_sampling, without which vLLM's CPU speculative "
+                             "sampling is not exact: add it or unset VLLM_PLUGINS", param="model.engine")
+
+
 class VllmCore:
     """Request state around one vLLM engine per target group. Hosted by the Serve router deployment."""
 
@@ -118,14 +132,11 @@ class VllmCore:
 
         cfg = self.config
         check_tensor_parallel(self.info, cfg.topology.tensor_parallel_size)
+        if cfg.model.device == "cpu":
+            _check_cpu_sampling_fix()
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.model.vllm.kv_cache_gb)))
         if self.remote_drafting:
             await self._start_workers()
-        if cfg.model.device == "cpu":
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.model.vllm.kv_cache_gb)))
-            if self.speculating:
-                log.warning("engine vllm on the CPU with speculative decoding: greedy output is exact, but vLLM "
-                            "0.32's CPU speculative sampling was measured not to keep the target distribution "
-                            "(docs/benchmarks.md, section 3); use engine hf where sampled output must be exact")
         args = self.engine_args()
         for _ in range(cfg.topology.num_target_groups):
             self.engines.append(AsyncLLM.from_engine_args(args))
@@ -243,8 +254,8 @@ class VllmCore:
         p = seq.params
         room = self.info.max_context - len(seq.prompt_ids)
         if p.top_k > 0 and self.speculating and self.config.model.device == "cpu":
-            # vLLM 0.32's CPU rejection sampler expands per-request top-k wrongly (garbage indices,
-            # or max() of an empty tensor on a step without drafts) and the engine dies: refuse it.
+            # vLLM 0.32's CPU top-k filter takes max() of the empty logits of a step in which no request
+            # drafted, and the engine dies: refuse it (its per-token expansion is fixed by actors.vllm_plugin).
             raise SpecServeError("top_k is not supported on engine vllm with speculative decoding on the CPU "
                                  "(vLLM 0.32 fails on it); use top_p, or the hf engine", param="top_k")
         return VllmParams(max_tokens=max(1, min(p.max_tokens, room)), temperature=p.temperature, top_p=p.top_p,
