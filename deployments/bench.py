@@ -132,8 +132,15 @@ async def _load(port: int, prompts: list[str], max_tokens: int, concurrency: int
 
 
 def measure(label: str, port: int, prompts: list[str], args) -> list[dict]:
-    """Warm up, then the prompt set at every concurrency (at least twice the streams in requests)."""
-    asyncio.run(_load(port, prompts[:1], 8, 1))
+    """Warm up, then the prompt set at every concurrency (at least twice the streams in requests).
+
+    The warm-up decodes whole responses, alone and in a batch as large as the largest measured: a
+    compiling engine (vLLM's torch.compile on the CPU) compiles for the draft and batch shapes it
+    meets on first use, which must not land inside a measurement.
+    """
+    asyncio.run(_load(port, prompts[:1], args.max_tokens, 1))
+    top = max(args.concurrency)
+    asyncio.run(_load(port, [prompts[i % len(prompts)] for i in range(top)], 32, top))
     rows = []
     for conc in args.concurrency:
         n = max(conc * 2, len(prompts))

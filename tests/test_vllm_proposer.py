@@ -146,3 +146,13 @@ def test_a_killed_worker_gives_empty_proposals_and_is_used_again_once_restarted(
             break
         time.sleep(0.05)
     assert got == expected, "drafting resumed on the restarted worker"
+
+
+def test_actors_on_the_local_ray_are_not_niced_so_an_engine_they_start_keeps_its_core(ray_local):
+    # A vLLM engine inherits its niceness from the replica that starts it; at Ray's default (15) its
+    # CPU worker yields to every nice-0 Ray daemon on the node.
+    @ray_local.remote(num_cpus=0.1)
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    assert ray_local.get(niceness.remote()) == 0
