@@ -9,7 +9,9 @@ Ray executor for GPU groups). Drafting is either
 
 - remote (``drafter.vllm_method = "remote"``): specserve draft workers (Ray actors, placed
   by the topology) behind vLLM's ``custom_class`` proposer hook, see
-  ``actors.vllm_proposer``; or
+  ``actors.vllm_proposer``;
+- local (``"local"``): our n-gram drafter inside vLLM's worker through the same hook, with
+  adaptive k from the verification cost it measures there; or
 - one of vLLM's own methods colocated in the engine (``ngram``, ``suffix``,
   ``draft_model``, ``eagle3``, ``dflash``).
 
@@ -122,6 +124,13 @@ class VllmCore:
             and self.config.topology.num_draft_workers > 0
 
     @property
+    def proposer_drafting(self) -> bool:
+        """True when vLLM drafts through our proposer hook (remote draft workers or the local drafter)."""
+        d = self.config.drafter
+        local = d.vllm_method == "local" and d.kind != "none" and d.num_speculative_tokens > 0
+        return local or self.remote_drafting
+
+    @property
     def speculating(self) -> bool:
         """True when the engines run with speculative decoding."""
         return self.speculative_config() is not None
@@ -174,7 +183,7 @@ class VllmCore:
             distributed_executor_backend="ray" if cfg.model.device.startswith("cuda") and tp > 1 else None,
             gpu_memory_utilization=v.gpu_memory_utilization,
             speculative_config=spec,
-            additional_config={CONFIG_KEY: self.proposer_settings()} if self.remote_drafting else {},
+            additional_config={CONFIG_KEY: self.proposer_settings()} if self.proposer_drafting else {},
             per_request_spec_decode_metrics="detailed" if spec else "none",
             disable_log_stats=True,
         )
@@ -183,11 +192,11 @@ class VllmCore:
         """vLLM's ``speculative_config`` for the configured drafter (None: plain decoding)."""
         d = self.config.drafter
         v = self.config.model.vllm
-        if d.kind == "none" and d.vllm_method == "remote" or d.num_speculative_tokens == 0:
+        if d.kind == "none" and d.vllm_method in ("remote", "local") or d.num_speculative_tokens == 0:
             return None
         spec: dict = {"num_speculative_tokens": d.num_speculative_tokens}
-        if d.vllm_method == "remote":
-            if not self.remote_drafting:
+        if d.vllm_method in ("remote", "local"):
+            if not self.proposer_drafting:
                 return None
             spec.update(method="custom_class", model=PROPOSER_CLASS)
         elif d.vllm_method == "ngram":
@@ -201,21 +210,26 @@ class VllmCore:
         return spec
 
     def proposer_settings(self) -> dict:
-        """What the proposer inside vLLM needs to reach the draft workers (JSON)."""
+        """What the proposer inside vLLM needs: its drafter, and how to reach the draft workers (JSON)."""
         cfg = self.config
+        settings = {
+            "drafter": cfg.drafter.model_dump(mode="json"),
+            "k_per_batch_size": [list(r) for r in cfg.model.vllm.k_per_batch_size or []],
+            "stats_path": self.stats_path,
+        }
+        if not self.remote_drafting:  # the local n-gram drafter: free, nothing to overlap
+            return {**settings, "local": True, "pipelining": False}
         cost = float(self.worker_info.get("draft_cost_per_token", 0.0))
         pipelining = cfg.model.vllm.pipelining
         return {
+            **settings,
             "gcs_address": ray.get_runtime_context().gcs_address,
             "namespace": ray.get_runtime_context().namespace,
             "draft_workers": self.worker_names,
-            "drafter": cfg.drafter.model_dump(mode="json"),
             "draft_cost_per_token": cost,
             "deadline_ms": cfg.model.vllm.draft_deadline_ms,
             # Overlap pays only when drafting costs something (a draft model, not an n-gram lookup).
             "pipelining": cost > 0.0 if pipelining is None else pipelining,
-            "k_per_batch_size": [list(r) for r in cfg.model.vllm.k_per_batch_size or []],
-            "stats_path": self.stats_path,
         }
 
     # ----------------------------------------------------------------------------------- API

@@ -1,9 +1,16 @@
-"""vLLM proposer that fetches each step's drafts from specserve draft workers (Ray actors).
+"""vLLM proposer that drafts with specserve drafters: on draft workers (Ray actors), or in process.
 
 vLLM builds this class inside its worker process (``speculative_config={"method":
 "custom_class", "model": "actors.vllm_proposer.DraftWorkerProposer", ...}``) and calls
 ``propose`` after every step with the token history of each running request: token ids
-only, no request ids. The whole batch goes to the draft workers in one call per worker.
+only, no request ids. The whole batch goes to the draft workers in one call per worker;
+with ``local`` settings (``drafter.vllm_method = "local"``, a free n-gram drafter) the
+drafter runs right here instead, with no Ray at all.
+
+- **Measured cost, adaptive k.** The time from returning drafts to the next call is vLLM's
+  step over the tokens it verified, so the proposer fits what one more draft token costs at
+  this batch size (``specserve.strategy.VerifyCost``); each row's adaptive k weighs that
+  against its running acceptance and drafts nothing where drafting does not pay.
 
 - **Sticky rows.** A request's history at step t+1 is its history at step t plus the
   accepted drafts plus one sampled token, i.e. plus ``sampled_token_ids[i]``: cutting
@@ -40,7 +47,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from specserve.config import DrafterConfig
-from specserve.strategy import KStrategy, make_strategy
+from specserve.strategy import KStrategy, VerifyCost, make_strategy
 
 log = logging.getLogger("specserve.vllm_proposer")
 
@@ -56,10 +63,11 @@ STATS_EVERY = 16
 class ProposerSettings:
     """What the engine's host passes through ``additional_config[CONFIG_KEY]`` (JSON-able)."""
 
-    gcs_address: str  # Ray cluster to join (the host's own)
-    namespace: str  # Ray namespace of the named draft workers
-    draft_workers: list[str]  # actor names
     drafter: dict  # DrafterConfig as JSON (adaptive k and its cost model)
+    local: bool = False  # draft in this process (a free drafter: n-gram), no Ray and no draft workers
+    gcs_address: str | None = None  # Ray cluster to join (the host's own); remote drafting only
+    namespace: str | None = None  # Ray namespace of the named draft workers
+    draft_workers: list[str] = field(default_factory=list)  # actor names
     draft_cost_per_token: float = 0.0  # the drafter's own estimate, for adaptive k
     deadline_ms: float = 200.0
     pipelining: bool = True
@@ -74,11 +82,26 @@ class _Row:
     worker: int
     strategy: KStrategy
     drafts: list[int] = field(default_factory=list)  # what was proposed after the key history
+    steps: int = 1  # calls this row has been in
+
+
+class LocalDrafter:
+    """A drafter in the proposer's own process, answering the draft worker's batch call at once."""
+
+    def __init__(self, cfg: DrafterConfig):
+        from specserve.drafters import make_drafter
+        from specserve.drafters.history import HistoryDrafter
+
+        self.history = HistoryDrafter(make_drafter(cfg, None))  # type: ignore[arg-type]
+
+    def propose_batch(self, histories: list[list[int]], k: int | list[int]) -> list[list[int]]:
+        """Greedy drafts of up to ``k`` tokens after each history (as ``DraftWorker.propose_batch``)."""
+        return self.history.propose_batch(histories, k)
 
 
 @dataclass
 class _Worker:
-    handle: object
+    handle: object  # a DraftWorker actor handle, or a LocalDrafter
     skip_until_step: int = 0  # failed or late: plain decoding for its rows until this step
     late: object | None = None  # a call that missed its deadline and has not finished yet
 
@@ -102,7 +125,9 @@ class DraftWorkerProposer:
         self.deadline_s = self.settings.deadline_ms / 1000.0
         self.active = _is_output_rank()
         self.workers: list[_Worker] = []
-        if self.active:
+        if self.active and self.settings.local:
+            self.workers = [_Worker(LocalDrafter(self.drafter_cfg))]
+        elif self.active:
             if not ray.is_initialized():
                 ray.init(address=self.settings.gcs_address, namespace=self.settings.namespace,
                          logging_level=logging.WARNING, log_to_driver=False)
@@ -112,6 +137,13 @@ class DraftWorkerProposer:
         self.pipelined: dict[bytes, tuple[object, int]] = {}  # bytes(h + d) -> (ref, index in that call)
         self.step = 0
         self._next_worker = 0
+        # Measured verification cost: the time from returning drafts to the next call is vLLM's step
+        # over the tokens it verified (1 + drafts per row), so adaptive k learns what a draft token costs
+        # on this machine at this batch size (and drafts nothing where that does not pay).
+        self.verify_cost = VerifyCost(self.drafter_cfg.verify_cost_per_token)
+        self.batch_size = 1
+        self._returned_at: float | None = None
+        self._verified_tokens = 0  # tokens vLLM verifies after the last return (0: do not measure)
         # Counters, read by tests and the benchmark through ``stats()``.
         self.counts = {"steps": 0, "calls": 0, "late": 0, "failed": 0, "pipelined_hits": 0,
                        "wait_s": 0.0}
@@ -134,6 +166,9 @@ class DraftWorkerProposer:
         self.step += 1
         self.counts["steps"] += 1
         t0 = time.perf_counter()
+        if self._verified_tokens and self._returned_at is not None:
+            self.verify_cost.observe(self._verified_tokens, t0 - self._returned_at)
+        self.batch_size = batch
         cap = k_cap(self.settings.k_per_batch_size, batch, self.k_max)
         histories: list[np.ndarray | None] = []
         rows: list[_Row | None] = []
@@ -156,7 +191,12 @@ class DraftWorkerProposer:
                 row.drafts = d
         if self.settings.pipelining:
             self._pipeline(histories, rows, drafts, ks)
-        self.counts["wait_s"] += time.perf_counter() - t0
+        # Measure the next step only when every row continues a known one: a new request's prefill
+        # would be counted as a verification of a few tokens.
+        continuing = all(r is not None and r.steps > 1 for r in rows)
+        self._verified_tokens = sum(1 + len(d) for d in drafts) if continuing else 0
+        self._returned_at = time.perf_counter()
+        self.counts["wait_s"] += self._returned_at - t0
         if self.settings.stats_path and self.step % STATS_EVERY == 0:
             self._write_stats()
         return drafts
@@ -172,10 +212,12 @@ class DraftWorkerProposer:
         if prev is not None:
             # The new history accepted num_sampled - 1 tokens of the previous draft.
             prev.strategy.update(len(prev.drafts), min(num_sampled - 1, len(prev.drafts)))
+            prev.steps += 1
             return prev
         worker = self._next_worker % len(self.workers)
         self._next_worker += 1
-        return _Row(worker, make_strategy(self.drafter_cfg, self.settings.draft_cost_per_token))
+        return _Row(worker, make_strategy(self.drafter_cfg, self.settings.draft_cost_per_token,
+                                          lambda: self.verify_cost.per_token(self.batch_size)))
 
     def _drafts(self, histories: list, rows: list, ks: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in histories]
@@ -196,9 +238,7 @@ class DraftWorkerProposer:
         calls = {}
         for w, idx in todo.items():
             if self._usable(w):
-                calls[w] = (self.workers[w].handle.propose_batch.remote([histories[i].tolist() for i in idx],
-                                                                       [ks[i] for i in idx]), idx)
-                self.counts["calls"] += 1
+                calls[w] = (self._call(w, [histories[i].tolist() for i in idx], [ks[i] for i in idx]), idx)
         for w, (ref, idx) in calls.items():
             result = self._result(w, ref)
             if result is not None:
@@ -215,10 +255,17 @@ class DraftWorkerProposer:
         for w, guessed in todo.items():
             if not self._usable(w):
                 continue
-            ref = self.workers[w].handle.propose_batch.remote([g.tolist() for g in guessed], self.k_max + 1)
-            self.counts["calls"] += 1
+            ref = self._call(w, [g.tolist() for g in guessed], self.k_max + 1)
             for j, g in enumerate(guessed):
                 self.pipelined[g.tobytes()] = (ref, j)
+
+    def _call(self, w: int, histories: list[list[int]], k: int | list[int]):
+        """Start worker ``w``'s batch call: a Ray reference, or the drafts themselves for a local drafter."""
+        self.counts["calls"] += 1
+        handle = self.workers[w].handle
+        if isinstance(handle, LocalDrafter):
+            return handle.propose_batch(histories, k)
+        return handle.propose_batch.remote(histories, k)
 
     def _usable(self, w: int) -> bool:
         worker = self.workers[w]
@@ -231,6 +278,8 @@ class DraftWorkerProposer:
 
     def _result(self, w: int, ref) -> list[list[int]] | None:
         """The call's drafts, or None when it is late or failed (the worker is then skipped a while)."""
+        if isinstance(ref, list):  # a local drafter's drafts
+            return ref
         worker = self.workers[w]
         try:
             return ray.get(ref, timeout=self.deadline_s)

@@ -96,7 +96,7 @@ def apply_serve_defaults(data: dict) -> dict:
 
 
 #: vLLM's own speculative methods that run colocated in its engine ('remote': our draft workers).
-VLLM_METHODS: tuple[str, ...] = ("remote", "ngram", "suffix", "draft_model", "eagle3", "dflash")
+VLLM_METHODS: tuple[str, ...] = ("remote", "local", "ngram", "suffix", "draft_model", "eagle3", "dflash")
 #: Of those, the ones that load a draft model from ``drafter.path``.
 VLLM_METHODS_WITH_MODEL: tuple[str, ...] = ("draft_model", "eagle3", "dflash")
 
@@ -217,11 +217,13 @@ class DrafterConfig(StrictModel):
         default_factory=TreeConfig,
         description="Token-tree speculation (max_nodes 0 = chain). A dict or a TreeConfig.",
     )
-    vllm_method: Literal["remote", "ngram", "suffix", "draft_model", "eagle3", "dflash"] = Field(
+    vllm_method: Literal["remote", "local", "ngram", "suffix", "draft_model", "eagle3", "dflash"] = Field(
         "remote",
         description="With model.engine 'vllm': 'remote' drafts with this drafter on specserve draft workers "
-        "(Ray actors) through vLLM's proposer hook; 'ngram', 'suffix', 'draft_model', 'eagle3', 'dflash' "
-        "use vLLM's own method colocated in the engine (the last three load 'path'). Ignored by engine 'hf'.",
+        "(Ray actors) through vLLM's proposer hook; 'local' runs this drafter (ngram only) inside vLLM's "
+        "worker through the same hook, with adaptive k from measured verification cost; 'ngram', 'suffix', "
+        "'draft_model', 'eagle3', 'dflash' use vLLM's own method colocated in the engine (the last three "
+        "load 'path'). Ignored by engine 'hf'.",
     )
 
     @model_validator(mode="after")
@@ -292,8 +294,12 @@ def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
     if model.engine == "hf" and drafter.vllm_method != "remote":
         raise SpecServeError(f"drafter.vllm_method {drafter.vllm_method!r} needs model.engine 'vllm' "
                              "(engine 'hf' drafts with drafter.kind)", param="drafter.vllm_method")
-    if model.engine != "vllm" or drafter.vllm_method != "remote":
+    if model.engine != "vllm" or drafter.vllm_method not in ("remote", "local"):
         return
+    if drafter.vllm_method == "local" and drafter.kind not in ("ngram", "none"):
+        raise SpecServeError(f"drafter.vllm_method 'local' runs only the ngram drafter inside vLLM's worker; "
+                             f"drafter.kind {drafter.kind!r} drafts on draft workers: use vllm_method 'remote'",
+                             param="drafter.vllm_method")
     if drafter.kind in ("block", "hybrid"):
         raise SpecServeError(f"drafter.kind {drafter.kind!r} needs the target's hidden states, which vLLM's proposer hook "
                              "does not pass: use engine 'hf', or kind ngram / draft_model", param="drafter.kind")

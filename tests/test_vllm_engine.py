@@ -121,6 +121,20 @@ def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts
     assert ngram_core.drafting_stats().get("failed", 0) == 0
 
 
+def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference):
+    # The serve default: our n-gram in vLLM's worker, adaptive k from the verification cost it measures.
+    core = start_core(loop, replica({"kind": "ngram", "vllm_method": "local", "num_speculative_tokens": 4}))
+    try:
+        results = run_all(loop, core, prompts)
+        stats = core.drafting_stats()
+    finally:
+        core.shutdown()
+    assert not core.workers, "local drafting starts no draft worker"
+    assert [tokens for tokens, _ in results] == reference
+    assert sum(last.stats["num_accepted_tokens"] for _, last in results) > 0
+    assert stats.get("calls", 0) > 0
+
+
 def test_a_draft_model_on_its_own_actor_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference,
                                                                        tiny_draft_dir):
     # A tiny random draft model with the real tokenizer: mostly rejected, so every step exercises

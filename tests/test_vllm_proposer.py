@@ -34,14 +34,17 @@ def start_worker(ray, name: str, drafter: dict):
     return worker
 
 
+def vllm_config(k: int, **options) -> SimpleNamespace:
+    """A config shaped as vLLM's (the two fields the proposer reads)."""
+    return SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=k),
+                           additional_config={CONFIG_KEY: options})
+
+
 def make_proposer(ray, names: list[str], drafter: dict, k: int = 4, **settings) -> DraftWorkerProposer:
-    """The proposer built from a config shaped as vLLM's (the two fields it reads)."""
+    """The proposer of remote drafting, against the named draft workers."""
     ctx = ray.get_runtime_context()
-    options = {"gcs_address": ctx.gcs_address, "namespace": ctx.namespace, "draft_workers": names,
-               "drafter": drafter, **settings}
-    config = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=k),
-                             additional_config={CONFIG_KEY: options})
-    return DraftWorkerProposer(config)
+    return DraftWorkerProposer(vllm_config(k, gcs_address=ctx.gcs_address, namespace=ctx.namespace,
+                                           draft_workers=names, drafter=drafter, **settings))
 
 
 class Batch:
@@ -85,6 +88,40 @@ def test_one_call_drafts_the_whole_batch_as_the_drafter_would(ray_local):
     # Rows without a sampled token (a prefill chunk) get no draft and cost nothing.
     batch.sampled[1] = []
     assert batch.propose(proposer)[1] == []
+
+
+def test_the_local_drafter_drafts_the_batch_in_process_as_the_drafter_would():
+    proposer = DraftWorkerProposer(vllm_config(4, drafter=NGRAM, local=True, pipelining=False))
+    batch = Batch(HISTORIES)
+    assert batch.propose(proposer) == [lookup(h, 4, 1, 4) for h in HISTORIES]
+    assert proposer.counts["failed"] == proposer.counts["late"] == 0
+
+
+def rejecting_steps(proposer, batch: Batch, steps: int) -> list[list[list[int]]]:
+    """``steps`` engine steps in which vLLM rejects every first draft token: the sampled token is
+    another token of the history, so the n-gram drafter still finds a match to propose from."""
+    out = []
+    for _ in range(steps):
+        drafts = batch.propose(proposer)
+        out.append(drafts)
+        bonus = [next(t for t in (1, 2, 3) if not d or t != d[0]) for d in drafts]
+        batch.advance(drafts, accept=[0] * len(drafts), bonus=bonus)
+    return out
+
+
+@pytest.mark.parametrize("b_over_a, drafts_after", [(0.005, True), (0.5, False)], ids=["cheap", "dear"])
+def test_adaptive_k_drafts_only_where_the_measured_verification_cost_lets_it_pay(b_over_a, drafts_after):
+    adaptive = DrafterConfig(kind="ngram", num_speculative_tokens=4).model_dump(mode="json")
+    proposer = DraftWorkerProposer(vllm_config(4, drafter=adaptive, local=True, pipelining=False))
+    # What the proposer would time between calls: passes of 1-8 tokens at a + b * tokens seconds.
+    for tokens in list(range(1, 9)) * 3:
+        proposer.verify_cost.observe(tokens, 0.1 + 0.1 * b_over_a * tokens)
+    assert proposer.verify_cost.ratio() == pytest.approx(b_over_a, rel=1e-3)
+    batch = Batch([[1, 2, 3, 1, 2, 3, 1, 2] * 4])  # a history the n-gram drafter always matches
+    steps = rejecting_steps(proposer, batch, 6)
+    assert all(steps[i] != [[]] for i in (0, 1)), "the prior lets a new request draft"
+    # Acceptance gone: a draft token that costs half a step no longer pays, a cheap one still does.
+    assert (steps[-1] != [[]]) == drafts_after
 
 
 def test_rows_stay_with_their_worker_and_learn_their_acceptance(ray_local):
