@@ -125,11 +125,11 @@ def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(lo
     # The serve default: our n-gram in vLLM's worker, adaptive k from the verification cost it measures.
     core = start_core(loop, replica({"kind": "ngram", "vllm_method": "local", "num_speculative_tokens": 4}))
     try:
+        assert not core.workers, "local drafting starts no draft worker"
         results = run_all(loop, core, prompts)
         stats = core.drafting_stats()
     finally:
         core.shutdown()
-    assert not core.workers, "local drafting starts no draft worker"
     assert [tokens for tokens, _ in results] == reference
     assert sum(last.stats["num_accepted_tokens"] for _, last in results) > 0
     assert stats.get("calls", 0) > 0
