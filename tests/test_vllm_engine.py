@@ -1,8 +1,8 @@
 """Engine vllm on the real SmolLM2 in fp32: remote drafting through vLLM's proposer hook is lossless.
 
-vLLM engines start slowly (~25 s each, much more on a busy machine), so this module starts three
-and shares them: plain vLLM (the reference), remote n-gram drafting, and a draft model on its own
-draft worker actor. Greedy outputs must be token-identical to the plain engine's; sampling must
+vLLM engines start slowly (~25 s each, much more on a busy machine), so this module starts four
+and shares what it can: plain vLLM (the reference), remote n-gram drafting, local n-gram drafting
+inside vLLM's worker, and a draft model on its own draft worker actor. Greedy outputs must be token-identical to the plain engine's; sampling must
 reproduce the target's distribution; a draft worker killed under 8 streams costs no request.
 """
 
