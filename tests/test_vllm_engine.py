@@ -83,6 +83,16 @@ def run_all(loop, core, prompts: list[list[int]], params: SamplingParams = GREED
     return loop.run_until_complete(body())
 
 
+def run_once(loop, config: dict, prompts: list[list[int]]):
+    """Start a core, decode all prompts at once, stop it: (results, proposer counters, draft workers started)."""
+    core = start_core(loop, config)
+    try:
+        workers = len(core.workers)
+        return run_all(loop, core, prompts), core.drafting_stats(), workers
+    finally:
+        core.shutdown()
+
+
 @pytest.fixture(scope="module")
 def prompts(ray_local, loop):
     from specserve.config import ModelConfig
@@ -122,14 +132,10 @@ def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts
 
 
 def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference):
-    # The serve default: our n-gram in vLLM's worker, adaptive k from the verification cost it measures.
-    core = start_core(loop, replica({"kind": "ngram", "vllm_method": "local", "num_speculative_tokens": 4}))
-    try:
-        assert not core.workers, "local drafting starts no draft worker"
-        results = run_all(loop, core, prompts)
-        stats = core.drafting_stats()
-    finally:
-        core.shutdown()
+    # Our n-gram in vLLM's worker, adaptive k from the verification cost it measures.
+    results, stats, workers = run_once(loop, replica({"kind": "ngram", "vllm_method": "local",
+                                                      "num_speculative_tokens": 4}), prompts)
+    assert workers == 0, "local drafting starts no draft worker"
     assert [tokens for tokens, _ in results] == reference
     assert sum(last.stats["num_accepted_tokens"] for _, last in results) > 0
     assert stats.get("calls", 0) > 0
@@ -139,13 +145,9 @@ def test_a_draft_model_on_its_own_actor_is_token_identical_to_plain_vllm(loop, r
                                                                        tiny_draft_dir):
     # A tiny random draft model with the real tokenizer: mostly rejected, so every step exercises
     # rollback of the draft worker's history-keyed KV cache. A fixed k keeps it drafting.
-    core = start_core(loop, replica({"kind": "draft_model", "path": str(tiny_draft_dir), "adaptive_k": False,
-                                     "num_speculative_tokens": 3}, draft_deadline_ms=5000, pipelining=True))
-    try:
-        results = run_all(loop, core, prompts)
-        stats = core.drafting_stats()
-    finally:
-        core.shutdown()
+    results, stats, _ = run_once(loop, replica({"kind": "draft_model", "path": str(tiny_draft_dir),
+                                                "adaptive_k": False, "num_speculative_tokens": 3},
+                                               draft_deadline_ms=5000, pipelining=True), prompts)
     assert [tokens for tokens, _ in results] == reference
     assert sum(last.stats["num_draft_tokens"] for _, last in results) > 0
     assert stats.get("calls", 0) > 0 and stats.get("failed", 0) == 0
