@@ -41,7 +41,7 @@ from actors.config import ReplicaConfig
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.streaming import RequestStream
-from actors.vllm_proposer import CONFIG_KEY
+from actors.vllm_proposer import CONFIG_KEY, PLAIN_PREFIX
 from cluster.placement import actor_options
 from specserve.config import SamplingParams, check_engine_fits
 from specserve.errors import Saturated, SpecServeError, TargetFailed
@@ -245,6 +245,8 @@ class VllmCore:
         if len(self.requests) >= limit:
             raise Saturated(f"server is saturated ({limit} requests in flight); retry later")
         seq_id = f"{request_id or 'req'}-{next(self._request_numbers)}"
+        if not params.speculative:
+            seq_id = PLAIN_PREFIX + seq_id  # our proposer drafts nothing for it (vLLM's own methods ignore it)
         engine = min(range(len(self.engines)), key=lambda i: sum(r.engine == i for r in self.requests.values()))
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
         sampling = self.vllm_params(seq)  # refuses what vLLM cannot run before anything starts

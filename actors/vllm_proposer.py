@@ -3,7 +3,7 @@
 vLLM builds this class inside its worker process (``speculative_config={"method":
 "custom_class", "model": "actors.vllm_proposer.DraftWorkerProposer", ...}``) and calls
 ``propose`` after every step with the token history of each running request: token ids
-only, no request ids. The whole batch goes to the draft workers in one call per worker;
+only. The whole batch goes to the draft workers in one call per worker;
 with ``local`` settings (``drafter.vllm_method = "local"``, a free n-gram drafter) the
 drafter runs right here instead, with no Ray at all.
 
@@ -12,6 +12,10 @@ drafter runs right here instead, with no Ray at all.
   this batch size (``specserve.strategy.VerifyCost``); each row's adaptive k weighs that
   against its running acceptance and drafts nothing where drafting does not pay.
 
+- **Per-request switch.** The hook is not given request ids, so the proposer keeps the model
+  runner that built it (found on the call stack once) and reads the batch's request ids from
+  its input batch: a request whose id starts with ``PLAIN_PREFIX`` (a request with
+  ``"speculative": false``) gets no drafts.
 - **Sticky rows.** A request's history at step t+1 is its history at step t plus the
   accepted drafts plus one sampled token, i.e. plus ``sampled_token_ids[i]``: cutting
   those off finds the row's record from the previous step in one dict lookup. The record
@@ -39,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +62,8 @@ CONFIG_KEY = "specserve"
 REATTACH_EVERY = 8
 #: The counters are written to ``stats_path`` every this many steps.
 STATS_EVERY = 16
+#: Requests whose vLLM request id starts with this decode plainly (``"speculative": false``).
+PLAIN_PREFIX = "plain~"
 
 
 @dataclass
@@ -133,6 +140,9 @@ class DraftWorkerProposer:
                          logging_level=logging.WARNING, log_to_driver=False)
             self.workers = [_Worker(ray.get_actor(name, namespace=self.settings.namespace))
                             for name in self.settings.draft_workers]
+        self.runner = _find_runner()
+        if self.runner is None:
+            log.warning("no vLLM model runner found: per-request 'speculative: false' is ignored")
         self.rows: dict[bytes, _Row] = {}
         self.pipelined: dict[bytes, tuple[object, int]] = {}  # bytes(h + d) -> (ref, index in that call)
         self.step = 0
@@ -184,7 +194,8 @@ class DraftWorkerProposer:
             rows.append(row)
             new_rows[h.tobytes()] = row
         self.rows = new_rows
-        ks = [min(r.strategy.next_k(), cap) if r is not None else 0 for r in rows]
+        plain = self._plain_rows(batch)
+        ks = [min(r.strategy.next_k(), cap) if r is not None and not p else 0 for r, p in zip(rows, plain)]
         drafts = self._drafts(histories, rows, ks)
         for row, d in zip(rows, drafts):
             if row is not None:
@@ -200,6 +211,14 @@ class DraftWorkerProposer:
         if self.settings.stats_path and self.step % STATS_EVERY == 0:
             self._write_stats()
         return drafts
+
+    def _plain_rows(self, batch: int) -> list[bool]:
+        """Per row of the batch: True when its request turned speculation off."""
+        try:
+            ids = self.runner.input_batch.req_ids[:batch]  # type: ignore[union-attr]
+        except AttributeError:
+            return [False] * batch
+        return [bool(r) and r.startswith(PLAIN_PREFIX) for r in ids] + [False] * (batch - len(ids))
 
     def _write_stats(self) -> None:
         tmp = f"{self.settings.stats_path}.tmp"
@@ -291,6 +310,17 @@ class DraftWorkerProposer:
             log.warning("draft worker %d failed (%s); plain decoding for its requests for now", w, type(e).__name__)
         worker.skip_until_step = self.step + REATTACH_EVERY
         return None
+
+
+def _find_runner():
+    """The vLLM model runner that is building this proposer (up the call stack), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if obj is not None and type(obj).__name__.endswith("ModelRunner"):
+            return obj
+        frame = frame.f_back
+    return None
 
 
 def _is_output_rank() -> bool:

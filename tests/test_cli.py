@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "specserve.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+from cli_helpers import run_cli, run_cli_here
 
 
 def test_generate_json_prints_the_contract_fields(tiny_dir):
@@ -30,7 +22,7 @@ def test_generate_json_prints_the_contract_fields(tiny_dir):
 def test_generate_greedy_equals_across_drafters_from_the_cli(tiny_dir):
     outs = []
     for drafter in ("none", "ngram", f"draft_model:{tiny_dir}"):
-        out = run_cli("generate", "--model", str(tiny_dir), "--dtype", "fp32", "--drafter", drafter,
+        out = run_cli_here("generate", "--model", str(tiny_dir), "--dtype", "fp32", "--drafter", drafter,
                       "--max-tokens", "16", "--ignore-eos", "--json", "one two three one two three one")
         assert out.returncode == 0, out.stderr
         outs.append(json.loads(out.stdout)["token_ids"])
@@ -52,20 +44,27 @@ def test_generate_greedy_equals_across_drafters_from_the_cli(tiny_dir):
         "draft-model-without-path", "missing-draft-model", "missing-model", "max-tokens-zero"])
 def test_bad_input_gives_one_clear_line_naming_the_flag(tiny_dir, args, flag):
     base = ["generate", "--dtype", "fp32"] + ([] if "--model" in args else ["--model", str(tiny_dir)])
-    out = run_cli(*base, *args, "hello")
+    out = run_cli_here(*base, *args, "hello")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {flag}"), out.stderr
     assert "Traceback" not in out.stderr
 
 
+def test_the_installed_command_refuses_bad_input_in_one_line_without_a_traceback(tiny_dir):
+    out = run_cli("generate", "--model", "/no/such/model", "hello")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --model"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_empty_prompt_is_refused(tiny_dir):
-    out = run_cli("generate", "--model", str(tiny_dir), "   ")
+    out = run_cli_here("generate", "--model", str(tiny_dir), "   ")
     assert out.returncode == 2 and "prompt" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_prompt_longer_than_the_context_is_refused(tiny_dir):
-    out = run_cli("generate", "--model", str(tiny_dir), "--dtype", "fp32", "word " * 3000)
+    out = run_cli_here("generate", "--model", str(tiny_dir), "--dtype", "fp32", "word " * 3000)
     assert out.returncode == 2 and "context" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -80,7 +79,7 @@ def test_draft_model_with_another_tokenizer_is_refused(tiny_dir, tmp_path):
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     other = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     other_dir = make_tiny_model(tmp_path / "other", other)
-    out = run_cli("generate", "--model", str(tiny_dir), "--dtype", "fp32", "--drafter", f"draft_model:{other_dir}",
+    out = run_cli_here("generate", "--model", str(tiny_dir), "--dtype", "fp32", "--drafter", f"draft_model:{other_dir}",
                   "hello")
     assert out.returncode == 2
     assert "tokenizer" in out.stderr and out.stderr.startswith("error: --drafter")

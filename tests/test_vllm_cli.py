@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "specserve.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+from cli_helpers import run_cli_here
 
 
 @pytest.mark.parametrize("args, named", [
@@ -21,7 +12,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     (["bench", "--engine", "vllm", "--prompts", "prompts/code.jsonl", "--out", "/tmp/never"], "--engine"),
 ])
 def test_bad_engine_input_is_one_line_naming_it(args, named):
-    out = run_cli(*args)
+    out = run_cli_here(*args)
     assert out.returncode == 2, out.stderr
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith(("error", "usage", "specserve"))]
     assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
@@ -37,7 +28,7 @@ def test_bad_engine_input_is_one_line_naming_it(args, named):
 def test_serve_refuses_a_bad_engine_config_before_starting_anything(tmp_path, yaml_text, named):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml_text)
-    out = run_cli("serve", "--config", str(cfg), "--port", "18999", timeout=120)
+    out = run_cli_here("serve", "--config", str(cfg), "--port", "18999")
     assert out.returncode == 2, out.stderr
     assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
 

@@ -75,20 +75,22 @@ async def collect(core, prompt_ids: list[int], params: SamplingParams):
     return tokens, last
 
 
-def run_all(loop, core, prompts: list[list[int]], params: SamplingParams = GREEDY):
-    """All prompts at once (continuous batching), results in prompt order."""
+def run_all(loop, core, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY):
+    """All prompts at once (continuous batching), results in prompt order; ``params`` per prompt or for all."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+
     async def body():
-        return await asyncio.gather(*[collect(core, p, params) for p in prompts])
+        return await asyncio.gather(*[collect(core, p, sp) for p, sp in zip(prompts, per_prompt)])
 
     return loop.run_until_complete(body())
 
 
-def run_once(loop, config: dict, prompts: list[list[int]]):
+def run_once(loop, config: dict, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY):
     """Start a core, decode all prompts at once, stop it: (results, proposer counters, draft workers started)."""
     core = start_core(loop, config)
     try:
         workers = len(core.workers)
-        return run_all(loop, core, prompts), core.drafting_stats(), workers
+        return run_all(loop, core, prompts, params), core.drafting_stats(), workers
     finally:
         core.shutdown()
 
@@ -132,12 +134,17 @@ def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts
 
 
 def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference):
-    # Our n-gram in vLLM's worker, adaptive k from the verification cost it measures.
+    # Our n-gram in vLLM's worker, adaptive k from the verification cost it measures. The 3 short prompts
+    # run a second time in the same batch with "speculative": false: plain decoding, same tokens.
+    plain = GREEDY.model_copy(update={"speculative": False})
     results, stats, workers = run_once(loop, replica({"kind": "ngram", "vllm_method": "local",
-                                                      "num_speculative_tokens": 4}), prompts)
+                                                      "num_speculative_tokens": 4}),
+                                       prompts + prompts[:3], [GREEDY] * len(prompts) + [plain] * 3)
     assert workers == 0, "local drafting starts no draft worker"
-    assert [tokens for tokens, _ in results] == reference
-    assert sum(last.stats["num_accepted_tokens"] for _, last in results) > 0
+    assert [tokens for tokens, _ in results] == reference + reference[:3]
+    assert sum(last.stats["num_accepted_tokens"] for _, last in results[: len(prompts)]) > 0
+    assert sum(last.stats["num_draft_tokens"] for _, last in results[:3]) > 0, "the speculative twins drafted"
+    assert [last.stats["num_draft_tokens"] for _, last in results[len(prompts):]] == [0, 0, 0]
     assert stats.get("calls", 0) > 0
 
 
@@ -157,11 +164,16 @@ def test_a_draft_model_on_its_own_actor_is_token_identical_to_plain_vllm(loop, r
 REPEATING = "one two three one two three one two three one two"
 
 
-def sample_through(loop, core, prompt_ids: list[int], params: SamplingParams, n: int) -> dict[tuple, int]:
-    """``n`` seeded 2-token samples through ``core`` at once: counts per outcome (the drafter must propose)."""
+def sample_through(loop, core, prompt_ids: list[int], params: SamplingParams, n: int,
+                   wave: int = 100) -> dict[tuple, int]:
+    """``n`` seeded 2-token samples through ``core``, ``wave`` at a time (below the server's request limit):
+    counts per outcome (the drafter must propose)."""
     async def body():
-        return await asyncio.gather(*[collect(core, prompt_ids, params.model_copy(update={"seed": s}))
-                                      for s in range(n)])
+        results = []
+        for start in range(0, n, wave):
+            results += await asyncio.gather(*[collect(core, prompt_ids, params.model_copy(update={"seed": s}))
+                                              for s in range(start, min(n, start + wave))])
+        return results
 
     results = loop.run_until_complete(body())
     assert sum(last.stats["num_draft_tokens"] for _, last in results) > 0, "the drafter never proposed"
