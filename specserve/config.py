@@ -68,7 +68,7 @@ class ModelConfig(StrictModel):
 #: What `specserve serve` (and so `make serve`) runs when neither the flags nor the config name an
 #: engine or a drafter: the faster one measured here (docs/benchmarks.md, "Engine vllm").
 SERVE_DEFAULT_ENGINE = "vllm"
-SERVE_DEFAULT_VLLM_METHOD = "ngram"
+SERVE_DEFAULT_VLLM_METHOD = "local"
 
 
 def apply_serve_defaults(data: dict) -> dict:

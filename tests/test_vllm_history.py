@@ -149,7 +149,7 @@ def test_unknown_vllm_method_and_missing_path_are_refused():
 
 
 @pytest.mark.parametrize("given, engine, method", [
-    ({}, "vllm", "ngram"),
+    ({}, "vllm", "local"),
     ({"model": {"engine": "hf"}}, "hf", None),
     ({"drafter": {"kind": "block"}}, None, None),
     ({"drafter": {"kind": "none"}}, "vllm", "remote"),
