@@ -31,7 +31,16 @@ case ${1:-status} in
   export)
     [[ -f $RUN/drafter.pt ]] || { echo "no $RUN/drafter.pt yet" >&2; exit 1; }
     mkdir -p "$(dirname "$ASSET")"
-    cp "$RUN/drafter.pt" "$ASSET.tmp" && mv "$ASSET.tmp" "$ASSET"
+    # The run's absolute directory is this machine's: keep only its name in the shipped checkpoint.
+    "$PY" - "$RUN/drafter.pt" "$ASSET.tmp" <<'PYEOF'
+import os, sys, torch
+ckpt = torch.load(sys.argv[1], weights_only=True)
+distill = ckpt.get("meta", {}).get("distill", {})
+if distill.get("out_dir"):
+    distill["out_dir"] = os.path.basename(distill["out_dir"].rstrip("/"))
+torch.save(ckpt, sys.argv[2])
+PYEOF
+    mv "$ASSET.tmp" "$ASSET"
     step=$("$PY" -c "import torch,sys; m=torch.load(sys.argv[1],weights_only=True)['meta']; print(m['step'], m['tokens_seen'])" "$ASSET")
     git add "$ASSET" && git commit -q -m "Block drafter checkpoint: step/tokens ${step}" -- "$ASSET"
     echo "committed $ASSET (step/tokens $step)"
