@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from cluster.config import TopologyConfig
+from cluster.config import TopologyConfig, check_draft_placement, drafts_in_router
 from specserve.config import DrafterConfig, ModelConfig, StrictModel
 
 
@@ -23,6 +23,12 @@ class RouterConfig(StrictModel):
     )
     batching: bool = Field(True, description="Verify blocks of several sequences in one target pass.")
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences in one verification pass.")
+    batch_wait_fraction: float = Field(
+        0.25, ge=0.0, le=2.0,
+        description="A verification pass waits for the sequences of its group that are still drafting (an actor "
+        "hop, a slow client) up to this fraction of the group's recent pass time, so that one step of every "
+        "sequence runs as one batched pass instead of several; 0 never waits.",
+    )
     max_running_requests: int = Field(
         64, ge=1, le=100000, description="Sequences decoded at once; more wait in the queue."
     )
@@ -42,3 +48,13 @@ class ReplicaConfig(StrictModel):
     max_model_len: int | None = Field(
         None, ge=16, description="Context limit (prompt + max_tokens); None: the model's own."
     )
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> ReplicaConfig:
+        check_draft_placement(self.drafter, self.topology)
+        return self
+
+    @property
+    def drafts_in_router(self) -> bool:
+        """True when this replica drafts inside its router process instead of on draft workers."""
+        return drafts_in_router(self.drafter, self.topology)

@@ -41,6 +41,10 @@ class RouterMetrics:
             self.m[m.DRAFT_LATENCY.name].observe(draft_s, tags=self.tags)
         self.m[m.VERIFY_LATENCY.name].observe(verify_s, tags=self.tags)
 
+    def verify_pass(self, num_sequences: int) -> None:
+        """One batched verification pass over ``num_sequences`` sequences."""
+        self.m[m.VERIFY_BATCH_SIZE.name].observe(num_sequences, tags=self.tags)
+
     def prompt_tokens(self, n: int) -> None:
         self._inc(m.PROMPT_TOKENS, n)
 

@@ -1,8 +1,10 @@
 """The router: owns request state and runs the core's decode loop with each piece on its actor.
 
 Per request it runs :func:`specserve.step.decode` with a :class:`RemoteProposer` (a draft
-worker) and a :class:`GroupVerifier` (a target group). Verification requests of many
-sequences on one target group are batched into one forward pass by :class:`_Batcher`.
+worker), or the router's own :class:`specserve.engine.LocalProposer` for model-free drafters
+(``topology.draft_placement``), and a :class:`GroupVerifier` (a target group). Verification
+requests of many sequences on one target group are batched into one forward pass by
+:class:`_Batcher`, which waits briefly for members whose blocks are still on the way.
 With pipelining, while block B is being verified the draft worker already drafts the block
 after B assuming B is fully accepted; if verification accepts all of B and the target's
 bonus token equals that block's first token, the rest of it is the next draft, ready
@@ -34,12 +36,14 @@ from actors.streaming import RequestStream
 from actors.target_worker import TargetGroup
 from cluster.placement import actor_options
 from specserve.config import SamplingParams
+from specserve.drafters import make_drafter
 from specserve.drafters.base import DraftBlock
+from specserve.engine import LocalProposer
 from specserve.errors import Saturated, TargetFailed
 from specserve.models import ModelInfo
 from specserve.outputs import StreamChunk
 from specserve.sequence import Sequence
-from specserve.step import decode
+from specserve.step import Proposer, decode
 from specserve.strategy import KStrategy, VerifyCost, make_strategy
 from specserve.target import StepRequest, StepResult
 
@@ -64,20 +68,58 @@ class _Batcher:
     rebuilt group.
     """
 
-    def __init__(self, group: TargetGroup, max_batch: int, on_failure, cost: VerifyCost):
+    def __init__(self, group: TargetGroup, max_batch: int, on_failure, cost: VerifyCost, metrics: RouterMetrics,
+                 wait_fraction: float = 0.0):
         self.group = group
+        self.metrics = metrics
         self.cost = cost
         self.max_batch = max_batch
+        self.wait_fraction = wait_fraction
+        self.members: set[str] = set()  # sequences decoding on this group: each will submit one block per step
+        self.pass_s = 0.0  # running mean of a pass's duration: bounds the wait for late members
         self.queue: list[_Pending] = []
         self.wakeup = asyncio.Event()
         self.on_failure = on_failure
         self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    def join(self, seq_id: str) -> None:
+        """``seq_id`` prefilled on this group and will submit a block every step until it leaves."""
+        self.members.add(seq_id)
+
+    def leave(self, seq_id: str) -> None:
+        """``seq_id`` finished (or failed): passes stop waiting for it."""
+        self.members.discard(seq_id)
+        self.wakeup.set()
 
     def submit(self, req: StepRequest) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
         self.queue.append(_Pending(req, fut, self.group.generation))
         self.wakeup.set()
         return fut
+
+    async def _gather(self) -> None:
+        """Wait (boundedly) until every member's block is queued, so one step of all of them is one pass.
+
+        A member is late when its draft is still on the way from a draft worker or its client is slow
+        to take its last chunk; a pass that left it behind would be followed by a second, nearly empty
+        one. The wait ends at ``wait_fraction`` of the mean pass time: a member slower than that joins
+        the next pass.
+        """
+        if self.wait_fraction <= 0 or self.pass_s <= 0:
+            return
+        deadline = time.perf_counter() + self.wait_fraction * self.pass_s
+        while len(self.queue) < self.max_batch:
+            queued = {p.req.seq_id for p in self.queue}
+            if not self.members - queued:
+                return
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), left)
+            except TimeoutError:
+                return
 
     @staticmethod
     def _fail(pending: list[_Pending], message: str) -> None:
@@ -90,8 +132,9 @@ class _Batcher:
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.queue:
-                # Let sequences whose drafts just arrived join this pass.
+                # Let sequences whose drafts just arrived join this pass, and wait briefly for late ones.
                 await asyncio.sleep(0)
+                await self._gather()
                 stale = [p for p in self.queue if p.generation != self.group.generation or not self.group.ranks]
                 if stale:
                     self._fail(stale, "target group failed during this request")
@@ -108,7 +151,10 @@ class _Batcher:
                         self.queue = []
                         await self.on_failure(self.group)
                     continue
-                self.cost.observe(sum(1 + len(p.req.draft_tokens) for p in batch), time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                self.metrics.verify_pass(len(batch))
+                self.cost.observe(sum(1 + len(p.req.draft_tokens) for p in batch), seconds)
+                self.pass_s = seconds if self.pass_s <= 0 else 0.9 * self.pass_s + 0.1 * seconds
                 for p, r in zip(batch, results):
                     if not p.future.done():
                         p.future.set_result(r)
@@ -216,10 +262,12 @@ class GroupVerifier:
             await self.router.rebuilding[group.index]
         self.generation = group.generation
         try:
-            return await group.add(seq.seq_id, seq.prompt_ids, self.params)
+            hidden = await group.add(seq.seq_id, seq.prompt_ids, self.params)
         except RayError as e:
             await self.router.group_failed(group)
             raise TargetFailed(f"target worker failed during prefill: {e}") from None
+        self.router.batchers[group.index].join(seq.seq_id)
+        return hidden
 
     async def verify(self, seq: Sequence, block: DraftBlock) -> StepResult:
         if self.group.generation != self.generation or self.group.index in self.router.rebuilding:
@@ -258,6 +306,7 @@ class RouterCore:
         self.batchers: dict[int, _Batcher] = {}
         self.workers: list = []
         self.worker_info: dict = {}
+        self.local_proposer: LocalProposer | None = None  # the router's own drafter (draft_placement 'router')
         self.rebuilding: dict[int, asyncio.Task] = {}
         self._request_numbers = itertools.count()  # names requests that come without an id
         self._worker_turns = itertools.count()  # round robin over draft workers
@@ -269,7 +318,12 @@ class RouterCore:
         topo = cfg.topology
         use_drafter = cfg.drafter.kind != "none" and cfg.drafter.num_speculative_tokens > 0
         model_json = cfg.model.model_dump(mode="json")
-        if use_drafter:
+        if cfg.drafts_in_router:
+            drafter = make_drafter(cfg.drafter, None)  # type: ignore[arg-type]  # model-free: needs no target
+            self.local_proposer = LocalProposer(drafter)
+            self.worker_info = {"drafter": drafter.name, "target_layers": [],
+                                "draft_cost_per_token": drafter.draft_cost_per_token}
+        elif use_drafter:
             self.workers = [
                 DraftWorker.options(**actor_options(topo.draft_worker)).remote(
                     model_json, cfg.drafter.model_dump(mode="json"), topo.draft_worker.num_threads)
@@ -282,7 +336,9 @@ class RouterCore:
         await asyncio.gather(*[g.build() for g in self.groups])
         for g in self.groups:
             self.batchers[g.index] = _Batcher(g, cfg.router.max_batch_size if cfg.router.batching else 1,
-                                              self.group_failed, VerifyCost(cfg.drafter.verify_cost_per_token))
+                                              self.group_failed, VerifyCost(cfg.drafter.verify_cost_per_token),
+                                              self.metrics,
+                                              cfg.router.batch_wait_fraction if cfg.router.batching else 0.0)
 
     # ----------------------------------------------------------------------------------------- API
 
@@ -308,7 +364,7 @@ class RouterCore:
             self.num_waiting -= 1
         seq_id = request_id or f"req-{next(self._request_numbers)}"
         group = min(self.groups, key=lambda g: sum(r.group is g for r in self.requests.values()))
-        worker_index = next(self._worker_turns) % len(self.workers) if self.workers else None
+        worker_index = next(self._worker_turns) % len(self.workers) if self.workers else None  # None: no worker
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
         req = _Request(seq, group, worker_index,
                        make_strategy(self.config.drafter, self.worker_info.get("draft_cost_per_token", 0.0),
@@ -345,7 +401,9 @@ class RouterCore:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
         drafts = await asyncio.gather(*[w.num_sequences.remote() for w in self.workers], return_exceptions=True)
         targets = await asyncio.gather(*[g.num_sequences() for g in self.groups], return_exceptions=True)
-        return {"router": len(self.requests), "draft_workers": [d if isinstance(d, int) else -1 for d in drafts],
+        return {"router": len(self.requests),
+                "router_drafter": len(self.local_proposer.pending_hidden) if self.local_proposer else 0,
+                "draft_workers": [d if isinstance(d, int) else -1 for d in drafts],
                 "target_groups": [t if isinstance(t, int) else -1 for t in targets]}
 
     async def placement(self) -> dict:
@@ -368,15 +426,24 @@ class RouterCore:
         # speculative draft call would only add actor traffic (measured in docs/benchmarks.md).
         pipelining = (self.config.router.pipelining and not needs_features
                       and self.worker_info.get("draft_cost_per_token", 0.0) > 0.0)
-        if req.worker_index is None:
+        proposer: Proposer
+        if self.local_proposer is not None:
+            proposer = self.local_proposer
+        elif req.worker_index is None:
             proposer = _NoDraft()
         else:
             proposer = RemoteProposer(self.workers[req.worker_index], params, self.metrics,
                                       pipelining=pipelining, needs_features=needs_features)
         verifier = GroupVerifier(self, req.group, params)
-        async for out in decode(seq, proposer, verifier, req.strategy, self.info.max_context):
-            self.metrics.step(out.num_draft, out.num_accepted, out.draft_s, out.verify_s)
-            yield req.stream.chunk(out.appended)
+        batcher = self.batchers[req.group.index]
+        try:
+            async for out in decode(seq, proposer, verifier, req.strategy, self.info.max_context):
+                if seq.finished:  # before the chunk goes out: the next pass must not wait for this sequence
+                    batcher.leave(seq.seq_id)
+                self.metrics.step(out.num_draft, out.num_accepted, out.draft_s, out.verify_s)
+                yield req.stream.chunk(out.appended)
+        finally:
+            batcher.leave(seq.seq_id)
         if not req.stream.finished:  # ended without a step (e.g. the context was already full)
             yield req.stream.chunk([])
 
@@ -391,6 +458,8 @@ class RouterCore:
             return
         self.running.release()
         self.metrics.set_queue(len(self.requests), self.num_waiting)
+        if self.local_proposer is not None:
+            self.local_proposer.finish(req.seq)
         task = asyncio.get_running_loop().create_task(self._free_remote(req))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)

@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from specserve.config import StrictModel
+from specserve.config import DrafterConfig, StrictModel
+
+#: Drafters cheap enough to run inside the router (no model, no torch work): draft_placement 'auto' puts them there.
+ROUTER_DRAFTERS = ("ngram",)
 
 
 class ActorResources(StrictModel):
@@ -33,7 +36,17 @@ class ActorResources(StrictModel):
 class TopologyConfig(StrictModel):
     """How many draft workers and target groups, and where they run."""
 
-    num_draft_workers: int = Field(1, ge=0, le=256, description="Draft worker actors (0: no drafting).")
+    num_draft_workers: int = Field(
+        1, ge=0, le=256,
+        description="Draft worker actors (0: no drafting). Not started when the drafter runs in the router "
+        "(see draft_placement).",
+    )
+    draft_placement: Literal["auto", "router", "workers"] = Field(
+        "auto",
+        description="Where drafting runs on engine 'hf'. 'workers': on the draft worker actors. 'router': inside "
+        "the router process, no actor hop per block (model-free drafters only: 'ngram'). 'auto': 'router' for "
+        "'ngram' (a lookup costs less than the hop to another actor), 'workers' for drafters with a model.",
+    )
     num_target_groups: int = Field(1, ge=1, le=256, description="Target replicas, each a tensor-parallel group.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks (GPUs) per target group.")
     draft_worker: ActorResources = Field(
@@ -57,3 +70,18 @@ class TopologyConfig(StrictModel):
         if self.backend == "nccl" and self.target_rank.num_gpus == 0:
             raise ValueError("backend 'nccl' needs target_rank.num_gpus > 0; use 'gloo' on CPU")
         return self
+
+
+def check_draft_placement(drafter: DrafterConfig, topology: TopologyConfig) -> None:
+    """Refuse a drafter with a model in the router process (it would stall every request's loop)."""
+    if topology.draft_placement == "router" and drafter.kind not in ROUTER_DRAFTERS + ("none",):
+        raise ValueError(f"topology.draft_placement 'router' runs only model-free drafters "
+                         f"({', '.join(ROUTER_DRAFTERS)}); drafter {drafter.kind!r} needs 'workers' or 'auto'")
+
+
+def drafts_in_router(drafter: DrafterConfig, topology: TopologyConfig) -> bool:
+    """True when the router drafts itself (no draft workers): see ``TopologyConfig.draft_placement``."""
+    if drafter.kind == "none" or drafter.num_speculative_tokens == 0:
+        return False
+    return topology.draft_placement == "router" or (
+        topology.draft_placement == "auto" and drafter.kind in ROUTER_DRAFTERS)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from cluster.local import LOOPBACK
 from specserve.config import apply_serve_defaults
+from specserve.errors import SpecServeError
 from specserve.plotting import figure
 
 #: Model name every server under test answers to.
@@ -68,9 +69,18 @@ def build_targets(args) -> list[Target]:
         for spec in dict.fromkeys(["none", *args.drafter]):  # plain decoding once, even if named
             if spec.startswith("vllm:") and engine != "vllm":
                 continue
-            drafter = drafter_from_spec(spec, args.k, not args.no_adaptive)
-            base = {"model": {**model, "engine": engine}, "drafter": drafter, "topology": topology,
+            drafter_spec, _, options = spec.partition("@")
+            drafter = drafter_from_spec(drafter_spec, args.k, not args.no_adaptive)
+            base = {"model": {**model, "engine": engine}, "drafter": drafter, "topology": {**topology},
                     "serve": {"model_name": SERVED_NAME}}
+            for option in filter(None, options.split(",")):  # engine hf: where drafting runs, batch gathering
+                if option in ("router", "workers"):
+                    base["topology"]["draft_placement"] = option
+                elif option == "nowait":
+                    base["router"] = {"batch_wait_fraction": 0.0}
+                else:
+                    raise SpecServeError(f"--drafter {spec}: unknown option {option!r}; allowed after '@': "
+                                         "router, workers, nowait (comma-separated)", param="--drafter")
             label = f"{engine} {spec if not spec.startswith('draft_model') else 'draft_model'}"
             costly = drafter["kind"] == "draft_model" and drafter.get("vllm_method", "remote") == "remote"
             if not costly:  # free drafting is never pipelined (see RouterConfig.pipelining)
@@ -91,7 +101,7 @@ def build_targets(args) -> list[Target]:
 def _with_pipelining(base: dict, engine: str, on: bool) -> dict:
     if engine == "vllm":
         return {**base, "model": {**base["model"], "vllm": {"pipelining": on}}}
-    return {**base, "router": {"pipelining": on}}
+    return {**base, "router": {**base.get("router", {}), "pipelining": on}}
 
 
 # ------------------------------------------------------------------------------------- the load
@@ -440,7 +450,9 @@ def add_parser(sub) -> None:
                    help="target engine (repeatable; default hf)")
     p.add_argument("--drafter", action="append", default=None,
                    help="none | ngram | draft_model:PATH | vllm:METHOD[:PATH] (vLLM's own, engine vllm only); "
-                   "repeatable; default ngram. Plain decoding is always measured.")
+                   "engine hf takes options after '@': router / workers (where drafting runs), nowait (no batch "
+                   "gathering), e.g. ngram@workers,nowait; repeatable; default ngram. Plain decoding is always "
+                   "measured.")
     p.add_argument("--k", type=int, default=6)
     p.add_argument("--no-adaptive", action="store_true", help="fixed k instead of adaptive k")
     p.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N")

@@ -142,6 +142,13 @@ def dashboards() -> tuple[Dashboard, ...]:
                 *((e, f"draft {legend}") for e, legend in _quantiles(m.DRAFT_LATENCY)[:2]),
                 *((e, f"verify {legend}") for e, legend in _quantiles(m.VERIFY_LATENCY)[:2]),
             ), "s"),
+            Panel("Sequences per verification pass", (
+                (f"sum by (model) (rate(ray_{m.VERIFY_BATCH_SIZE.name}_sum{{{_MODEL}}}[{_RATE}])) / "
+                 f"sum by (model) (rate(ray_{m.VERIFY_BATCH_SIZE.name}_count{{{_MODEL}}}[{_RATE}]))",
+                 "mean {{model}}"),
+                (f"sum by (model) ({m.NUM_REQUESTS_RUNNING.exported()}{{{_MODEL}}})", "running {{model}}"),
+            ), "short", "Batch occupancy of engine hf's target groups: a mean well below the running sequences "
+                        "(per group) means their steps are split over several passes (late drafts, slow clients)."),
             Panel("Drafts and draft tokens per second", (
                 (_rate(_DRAFTS), "blocks {{model}}"),
                 (_rate(_DRAFT_TOKENS), "draft tokens {{model}}"),

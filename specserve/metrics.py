@@ -82,13 +82,18 @@ DRAFT_LATENCY = _h("draft_latency_seconds", "Time to draft one block.")
 VERIFY_LATENCY = _h("verify_latency_seconds", "Time to verify one block (one batched target pass).")
 TTFT = _h("time_to_first_token_seconds", "Time from request arrival to its first token.")
 ITL = _h("inter_token_latency_seconds", "Time between consecutive streamed tokens.")
+VERIFY_BATCH_SIZE = MetricSpec(
+    PREFIX + "verify_batch_size", "histogram",
+    "Sequences verified in one batched target pass (engine hf; fewer than running means steps split into passes).",
+    ("model",), (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024),
+)
 E2E_LATENCY = _h("e2e_request_latency_seconds", "Time from request arrival to its last token.")
 
 ALL: tuple[MetricSpec, ...] = (
     NUM_DRAFTS, NUM_DRAFT_TOKENS, NUM_ACCEPTED_TOKENS, NUM_ACCEPTED_PER_POS, NUM_PIPELINED_DRAFTS,
     PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, REQUEST_ERRORS, DRAFT_WORKER_RESTARTS,
     NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING,
-    DRAFT_LATENCY, VERIFY_LATENCY, TTFT, ITL, E2E_LATENCY,
+    DRAFT_LATENCY, VERIFY_LATENCY, VERIFY_BATCH_SIZE, TTFT, ITL, E2E_LATENCY,
 )
 
 

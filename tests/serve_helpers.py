@@ -68,7 +68,8 @@ def wait_idle(base: str, timeout_s: float = 30, poll_s: float = 0.2) -> dict:
     while True:
         status = router_status(base)
         held = status["held"]
-        if status["running"] == 0 and held["router"] == 0 and not any(held["draft_workers"]) \
+        if status["running"] == 0 and held["router"] == 0 and not held.get("router_drafter") \
+                and not any(held["draft_workers"]) \
                 and not any(held["target_groups"]):
             return status
         if time.monotonic() > deadline:

@@ -73,7 +73,7 @@ def app(expected):
     config = {
         "model": {"dtype": "fp32"},
         "drafter": {"kind": "ngram", "num_speculative_tokens": 6},
-        "topology": {"num_draft_workers": 1, "num_target_groups": 2},
+        "topology": {"draft_placement": "workers", "num_draft_workers": 1, "num_target_groups": 2},
         "serve": {"model_name": MODEL},
     }
     serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
@@ -153,7 +153,7 @@ async def run_streams(kill_pid: int | None = None, n: int = NUM_STREAMS) -> tupl
 
 
 def idle_held() -> dict:
-    return {"router": 0, "draft_workers": [0], "target_groups": [0, 0]}
+    return {"router": 0, "router_drafter": 0, "draft_workers": [0], "target_groups": [0, 0]}
 
 
 def test_a_draft_worker_killed_mid_way_leaves_every_stream_exact(app, expected):

@@ -67,6 +67,7 @@ def app_config(model_dir, **overrides):
         "model": {"model": str(model_dir), "dtype": "fp32"},
         "drafter": {"kind": "ngram", "num_speculative_tokens": 4, "adaptive_k": False},
         "topology": {
+            "draft_placement": "workers",  # these tests are about draft workers; 'auto' would draft n-gram in the router
             "tensor_parallel_size": 2,
             "draft_worker": {"num_cpus": 0.2, "resources": {"draft_node": 0.01}},
             "target_rank": {"num_cpus": 0.4, "resources": {"target_node": 0.01}},
@@ -117,26 +118,33 @@ def test_actors_land_on_the_nodes_their_resources_name(cluster, even_tiny_dir):
     assert {r["node_id"] for r in ranks} == {target_node}  # STRICT_PACK keeps the TP group together
 
 
-@pytest.mark.parametrize("drafter,pipelining,batching", [
-    ("ngram", False, True), ("self", True, True), ("self", False, False)],
-    ids=["ngram-batched", "self-draft-pipelined-batched", "self-draft-sequential-unbatched"])
+@pytest.mark.parametrize("drafter,placement,pipelining,batching", [
+    ("ngram", "workers", False, True), ("ngram", "auto", False, True), ("self", "workers", True, True),
+    ("self", "workers", False, False)],
+    ids=["ngram-worker-batched", "ngram-in-router-batched", "self-draft-pipelined-batched",
+         "self-draft-sequential-unbatched"])
 def test_tensor_parallel_speculative_greedy_equals_plain_greedy(cluster, even_tiny_dir, reference, tokenizer,
-                                                                drafter, pipelining, batching):
+                                                                drafter, placement, pipelining, batching):
     # Self-drafting accepts every token in fp32, so pipelined blocks are used on almost every step.
     drafter_cfg = {"kind": "draft_model", "path": str(even_tiny_dir)} if drafter == "self" else {"kind": "ngram"}
-    cfg = app_config(even_tiny_dir, drafter=drafter_cfg, router={"pipelining": pipelining, "batching": batching})
+    cfg = app_config(even_tiny_dir, drafter=drafter_cfg, router={"pipelining": pipelining, "batching": batching},
+                     topology={"draft_placement": placement})
+    in_router = placement == "auto"  # 'auto' drafts n-gram in the router: no draft worker is started
 
     async def body(core):
         # All prompts at once: their blocks share batched verification passes.
         runs = await asyncio.gather(*[_run_with_stats(core, tokenizer.encode(p), PARAMS) for p in PROMPTS])
         held = await core.held_sequences()
-        return [tokens for tokens, _ in runs], held, sum(stats["num_pipelined_drafts"] for _, stats in runs)
+        return ([tokens for tokens, _ in runs], held, sum(stats["num_pipelined_drafts"] for _, stats in runs),
+                sum(stats["num_draft_tokens"] for _, stats in runs), len(core.workers))
 
-    outs, held, pipelined = run_router(cfg, body)
+    outs, held, pipelined, drafted, num_workers = run_router(cfg, body)
     for prompt, out in zip(PROMPTS, outs):
         assert out == reference[prompt], prompt
-    assert held == {"router": 0, "draft_workers": [0], "target_groups": [0]}
+    assert held == {"router": 0, "router_drafter": 0, "draft_workers": [] if in_router else [0], "target_groups": [0]}
     assert (pipelined > 0) == pipelining
+    assert drafted > 0
+    assert num_workers == (0 if in_router else 1)
 
 
 def test_draft_model_worker_on_its_own_node_keeps_greedy_exact(cluster, even_tiny_dir, reference, tokenizer,

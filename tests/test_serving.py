@@ -47,6 +47,8 @@ def tiny_config(tiny_dir, **serve_opts) -> dict:
     return {
         "model": {"model": str(tiny_dir), "dtype": "fp32"},
         "drafter": {"kind": "ngram", "num_speculative_tokens": 4},
+        # On a draft worker (not in the router, where 'auto' puts n-gram): the module kills that worker.
+        "topology": {"draft_placement": "workers"},
         "serve": {"model_name": "tiny", **serve_opts},
     }
 
@@ -190,7 +192,7 @@ def test_client_disconnect_cancels_the_sequence(tiny_app):
     # The response was closed after one event; the router must drop the sequence well before 200 tokens.
     status = wait_idle(tiny_app, timeout_s=20)
     assert status["running"] == 0
-    assert status["held"] == {"router": 0, "draft_workers": [0], "target_groups": [0]}
+    assert status["held"] == {"router": 0, "router_drafter": 0, "draft_workers": [0], "target_groups": [0]}
 
 
 def test_bounded_load_of_concurrent_streams_all_complete_without_leaks(tiny_app):
@@ -222,7 +224,7 @@ def test_bounded_load_of_concurrent_streams_all_complete_without_leaks(tiny_app)
     results = asyncio.run(main())
     assert len(results) == n_requests
     assert all(done and finish in ("stop", "length") for finish, done in results)
-    assert wait_idle(tiny_app)["held"] == {"router": 0, "draft_workers": [0], "target_groups": [0]}
+    assert wait_idle(tiny_app)["held"] == {"router": 0, "router_drafter": 0, "draft_workers": [0], "target_groups": [0]}
 
 
 def test_saturated_router_answers_503(ray_serve, tiny_dir):

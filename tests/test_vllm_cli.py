@@ -24,6 +24,10 @@ def test_bad_engine_input_is_one_line_naming_it(args, named):
     ("model: {engine: vllm}\ndrafter: {kind: block}\n", "drafter.kind"),
     ("model: {engine: vllm}\ndrafter: {vllm_method: medusa2}\n", "vllm_method"),
     ("model: {engine: vllm, vllm: {k_per_batch_size: [[2, 8, 3]]}}\n", "k_per_batch_size"),
+    ("model: {engine: hf}\ndrafter: {kind: draft_model, path: /m}\ntopology: {draft_placement: router}\n",
+     "topology.draft_placement"),
+    ("model: {engine: hf}\ntopology: {draft_placement: everywhere}\n", "draft_placement"),
+    ("model: {engine: hf}\ndrafter: {tree: {max_nodes: 8}}\n", "--tree-nodes"),  # the CLI names its flag
 ])
 def test_serve_refuses_a_bad_engine_config_before_starting_anything(tmp_path, yaml_text, named):
     cfg = tmp_path / "bad.yaml"
