@@ -256,6 +256,15 @@ def in_process_baseline(targets: list[Target], encoded: list[list[int]], args, m
 # -------------------------------------------------------------------------------------- report
 
 
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """Per concurrency, the round with the median tok/s (one round: itself), and every round's tok/s."""
+    rows = []
+    for per_conc in zip(*rounds):
+        ranked = sorted(per_conc, key=lambda r: r["tokens_per_s"])
+        rows.append({**ranked[(len(ranked) - 1) // 2], "rounds_tokens_per_s": [r["tokens_per_s"] for r in per_conc]})
+    return rows
+
+
 def markdown_table(results: dict) -> str:
     """One row per server: tok/s and mean TTFT at each concurrency."""
     concs = [r["concurrency"] for r in next(iter(results["served"].values()))]
@@ -305,15 +314,19 @@ def run(args) -> int:
     serve.start(http_options={"host": LOOPBACK, "port": args.port})
     dtype = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}[
         str(resolve_dtype(args.dtype, "cpu"))]
-    for target in targets:
-        if target.app_args is not None:
-            rows, stats = run_app(target, prompts, args)
-            if stats:
-                results["proposer"][target.label] = stats
-        else:
-            rows = run_vllm_peer(target, prompts, args, info.path, dtype)
-        results["served"][target.label] = rows
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+    results["rounds"] = {t.label: [] for t in targets}
+    for rnd in range(args.rounds):
+        # Every other round in reverse order: a machine whose speed drifts during the run favours no one.
+        for target in targets if rnd % 2 == 0 else targets[::-1]:
+            if target.app_args is not None:
+                rows, stats = run_app(target, prompts, args)
+                if stats:
+                    results["proposer"][target.label] = stats
+            else:
+                rows = run_vllm_peer(target, prompts, args, info.path, dtype)
+            results["rounds"][target.label].append(rows)
+            results["served"][target.label] = median_rows(results["rounds"][target.label])
+            (out / "results.json").write_text(json.dumps(results, indent=1))
     serve.shutdown()
     for name, base in results.get("in_process", {}).items():
         c1 = results["served"][name][0]
@@ -471,12 +484,17 @@ def add_parser(sub) -> None:
                    help="k of `vllm serve`'s n-gram peer (several: one peer each)")
     p.add_argument("--in-process", action="store_true",
                    help="also run the in-process hf engine (actor-hop overhead per token)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every configuration this many times, interleaved (every other round in reverse "
+                   "order); tables show the median round")
     p.add_argument("--out", required=True)
 
     def handler(args):
         from cluster.local import use_loopback
 
         use_loopback()
+        if args.rounds < 1:
+            raise SpecServeError(f"--rounds must be at least 1, got {args.rounds}", param="--rounds")
         args.drafter = args.drafter or ["ngram"]
         args.engine = args.engine or ["hf"]
         return run(args)

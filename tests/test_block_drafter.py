@@ -92,6 +92,64 @@ def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_targ
     assert chi_square_p_value(counts, shifted(expected, 0.07), n) < 1e-3
 
 
+def block_tree_engine(target, drafter: BlockDrafter, k: int, nodes: int) -> SpecEngine:
+    from specserve.config import TreeConfig
+    from specserve.drafters.tree import TreeDrafter
+
+    cfg = DrafterConfig(kind="block", num_speculative_tokens=k, adaptive_k=False,
+                        tree=TreeConfig(max_nodes=nodes, branching=3, adaptive=False))
+    return SpecEngine(target, TreeDrafter(drafter, cfg.tree), cfg)
+
+
+def test_block_drafter_lattice_trees_keep_greedy_exact(tiny_target, random_drafter):
+    """The block's positions are independent distributions: a lattice of their top tokens is a draft tree."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    engine = block_tree_engine(tiny_target, random_drafter, 4, nodes=12)
+    for prompt in PROMPTS:
+        assert engine.generate(prompt, params).token_ids == plain(tiny_target, prompt, params), prompt
+    assert engine.drafter.num_nodes > 0
+    assert not random_drafter.states
+
+
+def test_block_drafter_position_probs_rank_what_propose_drafts(tiny_target, random_drafter):
+    ids = tiny_target.tokenizer.encode(PROMPTS[0])
+    params = SamplingParams(max_tokens=8)
+    hidden = tiny_target_features(tiny_target, random_drafter, ids)
+    random_drafter.start("p", ids, params, hidden)
+    try:
+        probs = random_drafter.position_probs("p", ids, 4)
+        block = random_drafter.propose("p", ids, 4)
+    finally:
+        random_drafter.finish("p")
+    assert probs.shape == (4, random_drafter.vocab_size)
+    assert torch.allclose(probs.sum(-1), torch.ones(4), atol=1e-4)
+    assert probs.argmax(-1).tolist() == block.token_ids
+
+
+def tiny_target_features(target, drafter: BlockDrafter, ids: list[int]) -> torch.Tensor:
+    """The target features of all prompt tokens but the newest, as the verifier's prefill returns them."""
+    from specserve.target import Verifier
+
+    verifier = Verifier(target, hidden_layers=drafter.target_layers)
+    try:
+        return verifier.add("f", ids, SamplingParams())
+    finally:
+        verifier.free("f")
+
+
+def test_sampling_with_block_drafter_trees_preserves_the_target_distribution(tiny_target, random_drafter):
+    prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
+    params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
+    expected = two_token_distribution(tiny_target, prompt_ids, params)
+    n = 1500
+    engine = block_tree_engine(tiny_target, random_drafter, 2, nodes=6)
+    nodes_before = engine.drafter.num_nodes
+    counts, _ = sample_outcomes(engine, prompt_ids, params, n)
+    assert engine.drafter.num_nodes - nodes_before > n, "the trees must branch for the test to mean anything"
+    assert chi_square_p_value(counts, expected, n) > 1e-3
+    assert chi_square_p_value(counts, shifted(expected, 0.07), n) < 1e-3
+
+
 @pytest.fixture(scope="module")
 def trimmed_drafter(tiny_target) -> BlockDrafter:
     """A random drafter over a 256-token draft vocabulary holding the tiny target's greedy tokens."""

@@ -52,3 +52,24 @@ def test_bench_serve_measures_as_default_what_serve_runs():
     assert default.app_args["model"]["engine"] == served["model"].get("engine", "hf")
     assert default.app_args.get("drafter") == served.get("drafter")
     assert [p.label for p in peers] == ["`vllm serve` plain", "`vllm serve` ngram k=4"]
+
+
+def test_bench_serve_rounds_report_the_median_round_per_concurrency():
+    from deployments.bench import median_rows
+
+    rounds = [[{"concurrency": 1, "tokens_per_s": 10.0}, {"concurrency": 4, "tokens_per_s": 30.0}],
+              [{"concurrency": 1, "tokens_per_s": 14.0}, {"concurrency": 4, "tokens_per_s": 20.0}],
+              [{"concurrency": 1, "tokens_per_s": 12.0}, {"concurrency": 4, "tokens_per_s": 25.0}]]
+    rows = median_rows(rounds)
+    assert [r["tokens_per_s"] for r in rows] == [12.0, 25.0]
+    assert rows[1]["rounds_tokens_per_s"] == [30.0, 20.0, 25.0]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--drafter", "ngram@everywhere"], "--drafter"),
+    (["--rounds", "0"], "--rounds"),
+])
+def test_bench_serve_refuses_bad_options_in_one_line(args, named):
+    out = run_cli_here("bench-serve", "--no-vllm-peers", "--prompts", "prompts/code.jsonl", "--out", "/tmp/never", *args)
+    assert out.returncode == 2, out.stderr
+    assert named in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -88,6 +88,33 @@ class BlockDrafter(Drafter):
         k = min(k, self.block_size)
         if k <= 0:
             return DraftBlock([])
+        logits = self._block_logits(state, seq_id, token_ids, k)  # [k, draft vocab]
+        if state.params.greedy:
+            return DraftBlock(self.model.to_target_ids(logits.argmax(-1)).tolist())
+        q = logits_to_probs(logits, state.params)  # [k, draft vocab]
+        # Positions are drawn independently: q_i does not depend on the other draft tokens.
+        picks = torch.multinomial(q.cpu(), 1, generator=state.generator).squeeze(1)  # [k]
+        tokens = self.model.to_target_ids(picks.to(q.device))
+        return DraftBlock(tokens.tolist(), self._to_target_vocab(q))
+
+    @torch.inference_mode()
+    def position_probs(self, seq_id: str, token_ids: list[int], k: int) -> torch.Tensor:
+        """[k', vocab] with k' = min(k, block_size): the drafter's distribution of each of the next k' tokens.
+
+        The positions of one block are independent distributions (one pass drafts them all), so they
+        form a lattice: :class:`specserve.drafters.tree.TreeDrafter` builds draft trees from it. Greedy
+        requests get the softmax at temperature 1 (the ranking is what matters there).
+        """
+        state = self.states[seq_id]
+        k = min(k, self.block_size)
+        if k <= 0:
+            return torch.zeros(0, self.vocab_size)
+        logits = self._block_logits(state, seq_id, token_ids, k)
+        q = torch.softmax(logits.float(), -1) if state.params.greedy else logits_to_probs(logits, state.params)
+        return self._to_target_vocab(q)
+
+    def _block_logits(self, state: _SeqState, seq_id: str, token_ids: list[int], k: int) -> torch.Tensor:
+        """One drafting pass: logits [k, draft vocab] of the k tokens after ``token_ids``."""
         anchor_pos = len(token_ids) - 1
         if state.length != anchor_pos:
             raise RuntimeError(f"block drafter for {seq_id}: has target features for {state.length} tokens, "
@@ -99,18 +126,14 @@ class BlockDrafter(Drafter):
         ids = torch.tensor([[token_ids[-1]]], device=device)  # [1, 1]
         pos = torch.tensor([[anchor_pos]], device=device)  # [1, 1]
         hidden = self.model.block_hidden(state.kv, state.last_c[None, None], ids, pos)[0, 0, :k]  # [k, hidden]
-        logits = self.model.logits(hidden)  # [k, draft vocab]
-        if state.params.greedy:
-            return DraftBlock(self.model.to_target_ids(logits.argmax(-1)).tolist())
-        q = logits_to_probs(logits, state.params)  # [k, draft vocab]
-        # Positions are drawn independently: q_i does not depend on the other draft tokens.
-        picks = torch.multinomial(q.cpu(), 1, generator=state.generator).squeeze(1)  # [k]
-        tokens = self.model.to_target_ids(picks.to(q.device))
-        if self.model.draft_vocab is not None:
-            # q over the target's vocabulary: zero for tokens the drafter never proposes.
-            full = q.new_zeros(k, self.vocab_size)  # [k, vocab]
-            q = full.index_copy_(1, self.model.draft_vocab, q)
-        return DraftBlock(tokens.tolist(), q)
+        return self.model.logits(hidden)  # [k, draft vocab]
+
+    def _to_target_vocab(self, q: torch.Tensor) -> torch.Tensor:
+        """[k, draft vocab] -> [k, target vocab]: zero for tokens the drafter never proposes."""
+        if self.model.draft_vocab is None:
+            return q
+        full = q.new_zeros(q.shape[0], self.vocab_size)  # [k, vocab]
+        return full.index_copy_(1, self.model.draft_vocab, q)
 
     def _append(self, state: _SeqState, target_hidden: torch.Tensor) -> None:
         device = self.model.fc.weight.device
