@@ -44,8 +44,9 @@ from specserve.models import ModelInfo
 from specserve.outputs import StreamChunk
 from specserve.sequence import Sequence
 from specserve.step import Proposer, decode
-from specserve.strategy import KStrategy, VerifyCost, make_strategy
-from specserve.target import StepRequest, StepResult
+from specserve.strategy import AdaptiveK, KStrategy, VerifyCost, make_strategy, pass_draft_length
+from specserve.target import StepRequest, StepResult, TreeStepRequest
+from specserve.tree import DraftTree, below, check_budget
 
 log = logging.getLogger("specserve.router")
 
@@ -55,9 +56,10 @@ REATTACH_EVERY = 8
 
 @dataclass
 class _Pending:
-    req: StepRequest
+    req: StepRequest | TreeStepRequest
     future: asyncio.Future
     generation: int  # the group's generation when submitted: its KV caches live only in that generation
+    alpha: float | None = None  # the sequence's acceptance estimate when its draft may be cut (see pass_draft_length)
 
 
 class _Batcher:
@@ -91,11 +93,27 @@ class _Batcher:
         self.members.discard(seq_id)
         self.wakeup.set()
 
-    def submit(self, req: StepRequest) -> asyncio.Future:
+    def submit(self, req: StepRequest | TreeStepRequest, alpha: float | None = None) -> asyncio.Future:
+        """Queue ``req`` for the next pass; with ``alpha``, its draft may be cut to the pass's best length."""
         fut = asyncio.get_running_loop().create_future()
-        self.queue.append(_Pending(req, fut, self.group.generation))
+        self.queue.append(_Pending(req, fut, self.group.generation, alpha))
         self.wakeup.set()
         return fut
+
+    def _cut_drafts(self, batch: list[_Pending]) -> dict[int, int]:
+        """Cut drafts to the pass's best common length (inputs are padded to the longest); {index: verified}."""
+        if len(batch) < 2:
+            return {}
+        drafts = [(_num_inputs(p.req) - 1, p.alpha if isinstance(p.req, StepRequest) else None) for p in batch]
+        length = pass_draft_length(drafts, self.cost.ratio())
+        cut = {}
+        for i, p in enumerate(batch):
+            req = p.req
+            if isinstance(req, StepRequest) and p.alpha is not None and len(req.draft_tokens) > length:
+                probs = req.draft_probs[:length] if req.draft_probs is not None else None
+                p.req = StepRequest(req.seq_id, req.last_id, list(req.draft_tokens[:length]), probs)
+                cut[i] = length
+        return cut
 
     async def _gather(self) -> None:
         """Wait (boundedly) until every member's block is queued, so one step of all of them is one pass.
@@ -141,6 +159,7 @@ class _Batcher:
                     self.queue = [p for p in self.queue if p not in stale]
                     continue
                 batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
+                cut = self._cut_drafts(batch)
                 t0 = time.perf_counter()
                 try:
                     results = await self.group.step_batch([p.req for p in batch])
@@ -153,11 +172,19 @@ class _Batcher:
                     continue
                 seconds = time.perf_counter() - t0
                 self.metrics.verify_pass(len(batch))
-                self.cost.observe(sum(1 + len(p.req.draft_tokens) for p in batch), seconds)
+                # Rows are padded to the longest input: the pass computes batch x widest tokens.
+                self.cost.observe(len(batch) * max(_num_inputs(p.req) for p in batch), seconds)
                 self.pass_s = seconds if self.pass_s <= 0 else 0.9 * self.pass_s + 0.1 * seconds
-                for p, r in zip(batch, results):
+                for i, (p, r) in enumerate(zip(batch, results)):
+                    if i in cut:
+                        r.num_verified = cut[i]
                     if not p.future.done():
                         p.future.set_result(r)
+
+
+def _num_inputs(req: StepRequest | TreeStepRequest) -> int:
+    """Tokens a request feeds the target's pass: the newest token and its draft (chain or tree nodes)."""
+    return 1 + (len(req.tree) if isinstance(req, TreeStepRequest) else len(req.draft_tokens))
 
 
 class RemoteProposer:
@@ -193,7 +220,7 @@ class RemoteProposer:
             self.metrics.draft_failure()
             self.attached = False
 
-    async def propose(self, seq: Sequence, k: int) -> DraftBlock:
+    async def propose(self, seq: Sequence, k: int) -> DraftBlock | DraftTree:
         self.last_k = k
         if self.ready is not None:
             block = await self._take_pipelined(seq)
@@ -217,18 +244,25 @@ class RemoteProposer:
         self.pending_hidden.clear()
         return block
 
-    async def _take_pipelined(self, seq: Sequence) -> DraftBlock | None:
+    async def _take_pipelined(self, seq: Sequence) -> DraftBlock | DraftTree | None:
         ref, bonus = self.ready
         self.ready = None
         try:
             block = await ref
         except RayError:
             return None
-        if len(block.token_ids) < 2 or block.token_ids[0] != bonus:
+        if isinstance(block, DraftTree):  # a tree drafted after the assumed path: its branch under the bonus
+            rest = below(block, bonus)
+            if not rest:
+                return None
+            next_block: DraftBlock | DraftTree = rest
+        elif len(block.token_ids) < 2 or block.token_ids[0] != bonus:
             return None
+        else:
+            next_block = DraftBlock(block.token_ids[1:], block.probs[1:] if block.probs is not None else None)
         seq.stats.num_pipelined_drafts += 1
         self.metrics.pipelined_draft()
-        return DraftBlock(block.token_ids[1:], block.probs[1:] if block.probs is not None else None)
+        return next_block
 
     def speculate(self, seq: Sequence, block: DraftBlock) -> None:
         if self.pipelining and self.attached and block.token_ids:
@@ -239,7 +273,9 @@ class RemoteProposer:
         if result.hidden is not None:
             self.pending_hidden.append(result.hidden)
         ref, self.speculative = self.speculative, None
-        if ref is not None and result.verdict.num_accepted == len(block.token_ids):
+        # The pipelined block followed the path speculate() assumed (a tree's main path): usable only if
+        # verification accepted exactly that path.
+        if ref is not None and result.verdict.tokens[:-1] == block.token_ids:
             self.ready = (ref, result.verdict.tokens[-1])
 
 
@@ -250,10 +286,11 @@ class GroupVerifier:
     its KV cache went with the old ranks.
     """
 
-    def __init__(self, router: RouterCore, group: TargetGroup, params: dict):
+    def __init__(self, router: RouterCore, group: TargetGroup, params: dict, strategy: KStrategy | None = None):
         self.router = router
         self.group = group
         self.params = params
+        self.strategy = strategy  # an adaptive one lets the batcher cut this sequence's drafts
         self.generation = 0
 
     async def prefill(self, seq: Sequence) -> torch.Tensor | None:
@@ -269,11 +306,14 @@ class GroupVerifier:
         self.router.batchers[group.index].join(seq.seq_id)
         return hidden
 
-    async def verify(self, seq: Sequence, block: DraftBlock) -> StepResult:
+    async def verify(self, seq: Sequence, block: DraftBlock | DraftTree) -> StepResult:
         if self.group.generation != self.generation or self.group.index in self.router.rebuilding:
             raise TargetFailed("target group failed during this request")
-        fut = self.router.batchers[self.group.index].submit(
-            StepRequest(seq.seq_id, seq.last_id, block.token_ids, block.probs))
+        req = (TreeStepRequest(seq.seq_id, seq.last_id, block) if isinstance(block, DraftTree)
+               else StepRequest(seq.seq_id, seq.last_id, block.token_ids, block.probs))
+        strategy = self.strategy
+        cuttable = isinstance(strategy, AdaptiveK) and not strategy.probing  # probes keep their exploration
+        fut = self.router.batchers[self.group.index].submit(req, strategy.alpha if cuttable else None)
         result: StepResult = await fut
         if self.group.generation != self.generation:
             raise TargetFailed("target group was rebuilt during this request")
@@ -318,6 +358,8 @@ class RouterCore:
         topo = cfg.topology
         use_drafter = cfg.drafter.kind != "none" and cfg.drafter.num_speculative_tokens > 0
         model_json = cfg.model.model_dump(mode="json")
+        if cfg.drafter.tree.max_nodes and use_drafter:
+            check_budget(cfg.drafter.tree, self.info.max_context)  # before any actor starts
         if cfg.drafts_in_router:
             drafter = make_drafter(cfg.drafter, None)  # type: ignore[arg-type]  # model-free: needs no target
             self.local_proposer = LocalProposer(drafter)
@@ -364,7 +406,7 @@ class RouterCore:
             self.num_waiting -= 1
         seq_id = request_id or f"req-{next(self._request_numbers)}"
         group = min(self.groups, key=lambda g: sum(r.group is g for r in self.requests.values()))
-        worker_index = next(self._worker_turns) % len(self.workers) if self.workers else None  # None: no worker
+        worker_index = next(self._worker_turns) % len(self.workers) if self.workers else None
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
         req = _Request(seq, group, worker_index,
                        make_strategy(self.config.drafter, self.worker_info.get("draft_cost_per_token", 0.0),
@@ -434,7 +476,7 @@ class RouterCore:
         else:
             proposer = RemoteProposer(self.workers[req.worker_index], params, self.metrics,
                                       pipelining=pipelining, needs_features=needs_features)
-        verifier = GroupVerifier(self, req.group, params)
+        verifier = GroupVerifier(self, req.group, params, req.strategy)
         batcher = self.batchers[req.group.index]
         try:
             async for out in decode(seq, proposer, verifier, req.strategy, self.info.max_context):

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import ActorResources, TopologyConfig
 from cluster.placement import actor_options, torch_threads, tp_bundles
 from specserve.config import ModelConfig, SamplingParams
-from specserve.target import StepRequest, StepResult, Verifier
+from specserve.target import StepRequest, StepResult, TreeStepRequest, Verifier
 
 
 @ray.remote(max_restarts=0)
@@ -54,9 +54,12 @@ class TargetRank:
         hidden = self.verifier.add(seq_id, prompt_ids, SamplingParams.model_validate(params))
         return hidden if self.rank == 0 else None
 
-    def step_batch(self, reqs: list[StepRequest]) -> list[StepResult] | None:
-        """Verify a batch of blocks in one forward pass (all ranks in lockstep)."""
-        results = self.verifier.step_batch(reqs)
+    def step_batch(self, reqs: list[StepRequest | TreeStepRequest]) -> list[StepResult] | None:
+        """Verify a batch of blocks (chains, and draft trees) in one forward pass (all ranks in lockstep)."""
+        if any(isinstance(r, TreeStepRequest) for r in reqs):
+            results = self.verifier.step_mixed(reqs)
+        else:
+            results = self.verifier.step_batch(reqs)  # type: ignore[arg-type]
         return results if self.rank == 0 else None
 
     def free(self, seq_ids: list[str]) -> None:
@@ -118,7 +121,7 @@ class TargetGroup:
             outs = await asyncio.gather(*[r.add.remote(seq_id, prompt_ids, params) for r in self.ranks])
         return outs[0]
 
-    async def step_batch(self, reqs: list[StepRequest]) -> list[StepResult]:
+    async def step_batch(self, reqs: list[StepRequest | TreeStepRequest]) -> list[StepResult]:
         async with self.lock:
             outs = await asyncio.gather(*[r.step_batch.remote(reqs) for r in self.ranks])
         return outs[0]

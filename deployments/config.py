@@ -15,7 +15,6 @@ from pydantic import Field, model_validator
 from actors.config import ReplicaConfig, RouterConfig
 from cluster.config import TopologyConfig, check_draft_placement
 from specserve.config import DrafterConfig, ModelConfig, StrictModel, check_engine_fits, load_yaml, validated
-from specserve.errors import SpecServeError
 
 
 class AutoscalingConfig(StrictModel):
@@ -91,9 +90,6 @@ class AppConfig(StrictModel):
     def _engine_fits(self) -> AppConfig:
         check_engine_fits(self.model, self.drafter)  # raises SpecServeError naming the field
         check_draft_placement(self.drafter, self.topology)
-        if self.model.engine == "hf" and self.drafter.tree.max_nodes > 0:
-            raise SpecServeError("drafter.tree.max_nodes: the router verifies chains; token trees run in process "
-                                 "(specserve generate / bench): set it to 0", param="drafter.tree.max_nodes")
         return self
 
     def replica(self) -> ReplicaConfig:

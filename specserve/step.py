@@ -102,6 +102,8 @@ async def decode(seq: Sequence, proposer: Proposer, verifier: BlockVerifier, str
             proposer.speculate(seq, block)
         result = await verifier.verify(seq, block)
         num_draft, num_accepted = len(block.token_ids), result.verdict.num_accepted
+        if result.num_verified is not None:  # the verifier checked a prefix of the block (still lossless)
+            num_draft = result.num_verified
         stats.record(num_draft, num_accepted)
         stats.draft_time_s += draft_s
         stats.verify_time_s += result.verify_time_s

@@ -98,6 +98,7 @@ class AdaptiveK(KStrategy):
         self.accepted = 2.0 * prior_alpha
         self.rejected = 2.0 * (1.0 - prior_alpha)
         self.plain_steps = 0
+        self.probing = False  # the last next_k() was a probe (drafting would not pay by the estimate)
 
     @property
     def alpha(self) -> float:
@@ -117,9 +118,11 @@ class AdaptiveK(KStrategy):
 
     def next_k(self) -> int:
         k = self.best_k()
+        self.probing = False
         if k == 0:
             self.plain_steps += 1
             if self.plain_steps % self.probe_every == 0:
+                self.probing = True
                 return min(2, self.k_max)
         return k
 
@@ -129,6 +132,36 @@ class AdaptiveK(KStrategy):
         rejected = 1 if num_accepted < num_draft else 0
         self.accepted = self.decay * self.accepted + num_accepted
         self.rejected = self.decay * self.rejected + rejected
+
+
+def expected_tokens(k: int, alpha: float) -> float:
+    """Tokens one verified block of ``k`` draft tokens yields on average (accepted + the target's own)."""
+    a = min(max(alpha, 0.0), 0.999)
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+def pass_draft_length(drafts: list[tuple[int, float | None]], ratio: float) -> int:
+    """How many draft tokens per sequence one batched verification pass should check.
+
+    A pass over B sequences whose inputs are right-padded to the longest costs ``a + b * B * (1 + L)``
+    for a longest draft of L: one sequence drafting 6 tokens among 15 drafting none makes the whole
+    pass 7 tokens wide. ``drafts`` holds each sequence's draft length and acceptance estimate (None:
+    not to be cut: a fixed k, a probe, a tree); ``ratio`` is b / a (:meth:`VerifyCost.ratio`). Returns
+    the L (at least every uncuttable draft's length) with the most expected tokens per unit of cost;
+    drafts longer than L are verified only up to L, which is lossless: a prefix of a draft is a draft.
+    """
+    if not drafts:
+        return 0
+    floor = max((k for k, a in drafts if a is None), default=0)
+    top = max(k for k, _ in drafts)
+    batch = len(drafts)
+    best, best_rate = top, -1.0
+    for length in range(floor, top + 1):
+        tokens = sum(expected_tokens(min(k, length), 0.5 if a is None else a) for k, a in drafts)
+        rate = tokens / (1.0 + ratio * batch * (1 + length))
+        if rate > best_rate + 1e-12:
+            best, best_rate = length, rate
+    return best
 
 
 def make_strategy(cfg: DrafterConfig, draft_cost_per_token: float,

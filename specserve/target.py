@@ -58,6 +58,8 @@ class StepResult:
     # [num_accepted + 1, len(layers) * hidden]: features of the inputs the cache kept (newest + accepted).
     hidden: torch.Tensor | None = None
     verify_time_s: float = 0.0
+    # Draft tokens verified when a batching verifier checked only a prefix of the block (None: all of it).
+    num_verified: int | None = None
 
 
 @dataclass

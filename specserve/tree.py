@@ -179,6 +179,28 @@ def subtree(tree: DraftTree, keep: list[int]) -> DraftTree:
     return out
 
 
+def below(tree: DraftTree, token: int) -> DraftTree | None:
+    """The subtree under the root's child carrying ``token``, re-rooted there (None: no such child).
+
+    What a pipelined tree offers once the target's token after the previous block is known: that
+    token's descendants become the next tree's nodes. Row 0 of ``q`` becomes the child's row.
+    """
+    child = next((i for i in tree.children(ROOT) if tree.tokens[i] == token), None)
+    if child is None:
+        return None
+    index: dict[int, int] = {}
+    out = DraftTree()
+    for i in range(child + 1, len(tree)):
+        parent = tree.parents[i]
+        if parent == child:
+            index[i] = out.add(tree.tokens[i], ROOT, tree.node_probs[i])
+        elif parent in index:
+            index[i] = out.add(tree.tokens[i], index[parent], tree.node_probs[i])
+    if tree.q is not None:
+        out.q = tree.q[[child + 1] + [i + 1 for i in index]]  # [len(out) + 1, vocab]
+    return out
+
+
 def tree_from_paths(paths: list[list[int]], weights: list[float] | None = None) -> DraftTree:
     """Merge continuations (e.g. several n-gram matches) into a trie.
 

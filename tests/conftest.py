@@ -11,6 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(2)
 
+# Every Ray the tests start stays on 127.0.0.1. Ray reads this environment when it is first imported,
+# and pytest imports every test module (some import Ray) before the first fixture starts a cluster.
+from cluster.local import use_loopback  # noqa: E402
+
+use_loopback()
+
 from specserve.config import ModelConfig  # noqa: E402
 from specserve.models import default_model_dir, load_model, make_tiny_model  # noqa: E402
 

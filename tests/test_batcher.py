@@ -11,7 +11,8 @@ import asyncio
 
 from actors.router import _Batcher
 from specserve.strategy import VerifyCost
-from specserve.target import StepRequest
+from specserve.sampling import Verdict
+from specserve.target import StepRequest, StepResult
 
 PASS_S = 0.2  # every pass of the stand-in group takes this long
 
@@ -21,11 +22,13 @@ class _Group:
 
     def __init__(self):
         self.passes: list[list[str]] = []
+        self.widths: list[dict[str, int]] = []  # draft tokens each sequence had verified, per pass
 
     async def step_batch(self, reqs):
         self.passes.append(sorted(r.seq_id for r in reqs))
+        self.widths.append({r.seq_id: len(r.draft_tokens) for r in reqs})
         await asyncio.sleep(PASS_S)
-        return [r.seq_id for r in reqs]
+        return [StepResult(Verdict([0], 0)) for _ in reqs]
 
 
 class _Metrics:
@@ -65,3 +68,22 @@ def test_a_member_later_than_the_window_does_not_hold_the_pass():
 def test_a_member_that_left_is_not_waited_for():
     # Had the batcher waited for "b", the block arriving 0.03 s later (inside the 0.1 s window) would share the pass.
     assert asyncio.run(_steps(wait_fraction=0.5, late_s=0.03, leave_b=True)) == [["a"], ["b"]]
+
+
+def test_one_long_draft_in_a_big_pass_is_cut_to_what_pays_and_reported_as_such():
+    async def run():
+        group = _Group()
+        batcher = _Batcher(group, 16, None, VerifyCost(0.03), _Metrics(), 0.0)
+        futures = [batcher.submit(StepRequest("long", 0, [5] * 6, None), alpha=0.6)]
+        futures += [batcher.submit(StepRequest(f"s{i}", 0, [], None)) for i in range(15)]
+        fixed = batcher.submit(StepRequest("fixed", 0, [7] * 3, None))  # no alpha: a fixed k is never cut
+        results = await asyncio.gather(*futures, fixed)
+        batcher.task.cancel()
+        return group.widths, results
+
+    widths, results = asyncio.run(run())
+    # 17 sequences > 16 per pass: the first pass holds "long" and 15 plain ones; "fixed" runs next, uncut.
+    assert widths[0]["long"] == 0 and len(widths[0]) == 16
+    assert widths[1] == {"fixed": 3}
+    assert results[0].num_verified == 0
+    assert results[-1].num_verified is None

@@ -96,3 +96,33 @@ def test_load_aware_k_shrinks_to_plain_decoding_as_the_batch_grows():
 def test_a_request_can_turn_speculation_off():
     s = make_strategy(DrafterConfig(kind="ngram"), 0.0, speculative=False)
     assert isinstance(s, FixedK) and s.next_k() == 0
+
+
+def test_pass_draft_length_keeps_drafts_that_all_sequences_share():
+    from specserve.strategy import pass_draft_length
+
+    assert pass_draft_length([(6, 0.9)] * 8, ratio=0.03) == 6
+
+
+def test_pass_draft_length_cuts_one_long_draft_that_would_widen_a_big_pass():
+    """Inputs are padded to the longest: one sequence drafting 6 among 15 plain ones makes all 16 rows 7 wide."""
+    from specserve.strategy import pass_draft_length
+
+    drafts = [(6, 0.6)] + [(0, None)] * 15
+    assert pass_draft_length(drafts, ratio=0.05) == 0
+    # Alone (or nearly so) the same draft pays: the pass's width costs little at batch 2.
+    assert pass_draft_length([(6, 0.6), (0, None)], ratio=0.05) > 0
+
+
+def test_pass_draft_length_never_cuts_below_an_uncuttable_draft():
+    from specserve.strategy import pass_draft_length
+
+    drafts = [(6, 0.1), (3, None)] + [(0, None)] * 14
+    assert pass_draft_length(drafts, ratio=0.05) == 3
+    assert pass_draft_length([], ratio=0.05) == 0
+
+
+def test_a_probe_is_marked_so_that_it_is_not_cut():
+    strategy = AdaptiveK(6, 10.0, probe_every=2)  # drafting never pays at this cost: every other step probes
+    ks = [(strategy.next_k(), strategy.probing) for _ in range(4)]
+    assert ks == [(0, False), (2, True), (0, False), (2, True)]

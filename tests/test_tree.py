@@ -390,3 +390,21 @@ def test_budget_above_the_context_is_refused_in_the_api_too(tiny_target):
     with pytest.raises(SpecServeError) as e:
         engine_for(tiny_target, "ngram", 4, tree_nodes=tiny_target.max_context)
     assert e.value.param == "drafter.tree.max_nodes"
+
+
+def test_below_re_roots_the_branch_under_a_token_and_keeps_q_rows():
+    from specserve.tree import ROOT, below
+
+    tree = DraftTree()
+    a = tree.add(5, ROOT, 0.6)
+    b = tree.add(6, ROOT, 0.4)
+    a1 = tree.add(7, a, 0.9)
+    tree.add(8, b, 1.0)
+    tree.add(9, a1, 0.5)
+    tree.add(10, a, 0.1)
+    tree.q = torch.arange(7, dtype=torch.float32)[:, None].repeat(1, 3)  # row r holds r
+    sub = below(tree, 5)
+    assert sub.tokens == [7, 9, 10] and sub.parents == [ROOT, 0, ROOT]
+    assert sub.q[:, 0].tolist() == [a + 1, a1 + 1, 4 + 1, 5 + 1]
+    assert below(tree, 42) is None
+    assert below(tree, 6).tokens == [8]

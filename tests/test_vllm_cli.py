@@ -27,7 +27,7 @@ def test_bad_engine_input_is_one_line_naming_it(args, named):
     ("model: {engine: hf}\ndrafter: {kind: draft_model, path: /m}\ntopology: {draft_placement: router}\n",
      "topology.draft_placement"),
     ("model: {engine: hf}\ntopology: {draft_placement: everywhere}\n", "draft_placement"),
-    ("model: {engine: hf}\ndrafter: {tree: {max_nodes: 8}}\n", "--tree-nodes"),  # the CLI names its flag
+    ("model: {engine: hf}\ndrafter: {tree: {max_nodes: -1}}\n", "--tree-nodes"),  # the CLI names its flag
 ])
 def test_serve_refuses_a_bad_engine_config_before_starting_anything(tmp_path, yaml_text, named):
     cfg = tmp_path / "bad.yaml"

@@ -17,7 +17,8 @@ def make_drafter(cfg: DrafterConfig, target: LoadedModel) -> Drafter:
         from specserve.drafters.tree import TreeDrafter
         from specserve.tree import check_budget
 
-        check_budget(cfg.tree, target.max_context)
+        if target is not None:  # model-free drafters on actors get no target: their host checks the budget
+            check_budget(cfg.tree, target.max_context)
         return TreeDrafter(make_drafter(cfg.model_copy(update={"tree": TreeConfig()}), target), cfg.tree)
     if cfg.kind == "none" or cfg.num_speculative_tokens == 0:
         from specserve.drafters.none import NoDrafter
