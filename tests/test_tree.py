@@ -393,18 +393,12 @@ def test_budget_above_the_context_is_refused_in_the_api_too(tiny_target):
 
 
 def test_below_re_roots_the_branch_under_a_token_and_keeps_q_rows():
-    from specserve.tree import ROOT, below
+    from specserve.tree import below
 
-    tree = DraftTree()
-    a = tree.add(5, ROOT, 0.6)
-    b = tree.add(6, ROOT, 0.4)
-    a1 = tree.add(7, a, 0.9)
-    tree.add(8, b, 1.0)
-    tree.add(9, a1, 0.5)
-    tree.add(10, a, 0.1)
-    tree.q = torch.arange(7, dtype=torch.float32)[:, None].repeat(1, 3)  # row r holds r
+    tree = example_tree()  # root -> 5 (-> 7 -> 9), root -> 6 (-> 8); nodes 0..4 = 5, 6, 7, 8, 9
+    tree.q = torch.arange(len(tree) + 1, dtype=torch.float32)[:, None].repeat(1, 3)  # row r holds r
     sub = below(tree, 5)
-    assert sub.tokens == [7, 9, 10] and sub.parents == [ROOT, 0, ROOT]
-    assert sub.q[:, 0].tolist() == [a + 1, a1 + 1, 4 + 1, 5 + 1]
+    assert sub.tokens == [7, 9] and sub.parents == [ROOT, 0]
+    assert sub.q[:, 0].tolist() == [1, 3, 5]  # node 5's row becomes the root's, then nodes 7 and 9
     assert below(tree, 42) is None
     assert below(tree, 6).tokens == [8]
