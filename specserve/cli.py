@@ -32,6 +32,8 @@ FLAG_NAMES = {
     "drafter.tree.branching": "--tree-branching",
     "drafter.tree.max_depth": "--tree-depth",
     "drafter.tree.min_path_prob": "--tree-min-prob",
+    "out": "--out",
+    "mask_token_id": "--mask-token-id",
 }
 
 
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     _drafter_args(b, multiple=True)
     _sampling_args(b, 128)
     b.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N (repeatable)")
+    b.add_argument("--linear-cost", action="store_true",
+                   help="also run each adaptive chain drafter with adaptive k's linear cost prior instead of "
+                   "measured pass times (an A/B in the same run)")
     b.add_argument("--limit", type=int, default=None, help="use at most this many prompts per source")
     b.add_argument("--no-peers", action="store_true", help="skip transformers' generate peers")
     b.add_argument("--out", required=True, help="output directory")
@@ -234,6 +239,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     shapes = [0, args.tree_nodes] if args.tree_nodes else [None]
     drafters = [parse_drafter(s, num_speculative_tokens=args.k, adaptive_k=False if args.no_adaptive else None,
                               tree=_tree(args, n)) for s in specs for n in shapes]
+    if args.linear_cost:  # A/B: every adaptive drafter again, pricing steps by the linear prior
+        drafters += [d.model_copy(update={"measured_pass_cost": False}) for d in drafters
+                     if d.adaptive_k and d.kind != "none" and not d.tree.max_nodes]
     engine = SpecEngine.from_config(_engine_config(args, "none"))
     results = run_bench(engine, prompts, BenchSpec(drafters, params, args.chat, peers=not args.no_peers),
                         Path(args.out))

@@ -88,6 +88,17 @@ def add_parser(subparsers) -> None:
     c.add_argument("--out", required=True, help="PNG file to write")
     c.set_defaults(handler=cmd_curve)
 
+    x = subparsers.add_parser("export-dflash", help="write a block drafter as a DFlash drafter vLLM serves "
+                              "(speculative_config method 'dflash')")
+    x.add_argument("--drafter", required=True, help="block drafter checkpoint (.pt)")
+    x.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, "
+                   "mask_embedding.pt)")
+    x.add_argument("--model", default="default", help="the drafter's target (default: the embedded SmolLM2); "
+                   "vLLM serves its safetensors directory")
+    x.add_argument("--mask-token-id", type=int, default=None,
+                   help="target token id standing for the mask (default: a special-free id the drafter never drafts)")
+    x.set_defaults(handler=cmd_export_dflash)
+
 
 def parse_losses(spec: str) -> dict[str, float]:
     """A preset name or ``name=weight,...`` as a weights dict (names are checked by LossConfig)."""
@@ -245,4 +256,23 @@ def cmd_curve(args: argparse.Namespace) -> int:
     if not (Path(args.run) / "log.jsonl").exists():
         raise SpecServeError(f"{args.run} has no log.jsonl: not a distillation run directory", param="run")
     print(f"wrote {plot_curve(Path(args.run), Path(args.out))}")
+    return 0
+
+
+def cmd_export_dflash(args: argparse.Namespace) -> int:
+    """Export a checkpoint to vLLM's DFlash format; print how to serve it and where it is not exact."""
+    from specserve.drafters.block.dflash import export_dflash
+    from specserve.models import resolve_model_path
+
+    if not Path(args.drafter).is_file():
+        raise SpecServeError(f"block drafter checkpoint not found: {args.drafter}", param="drafter")
+    target = resolve_model_path(args.model)
+    result = export_dflash(Path(args.drafter), Path(target), Path(args.out), mask_token_id=args.mask_token_id)
+    spec = {"method": "dflash", "model": str(result.out_dir), "num_speculative_tokens": result.num_speculative_tokens}
+    print(f"wrote {result.out_dir} (mask token {result.mask_token_id}); serve {target} with "
+          f"speculative_config={json.dumps(spec)}")
+    if result.differences:
+        print("not exact: vLLM's forward differs from the drafter's where")
+        for line in result.differences:
+            print(f"  - {line}")
     return 0

@@ -13,6 +13,13 @@ final norm and the LM head) predicts the token ``i + 1`` places after the anchor
 frequent tokens of the training data, a buffer saved with the weights) through those rows of the
 target's head, and maps its choices back to target ids. Tokens outside it are never drafted
 (q = 0 there), which costs acceptance only when the target would pick them.
+
+**DFlash layout (opt-in).** Three config switches give the layout vLLM's DFlash drafters have, so
+that ``specserve export-dflash`` maps a drafter onto it exactly: ``qk_norm`` (per-head RMSNorm on
+queries and keys), ``last_context_input=False`` (no newest-context feature added to the block
+inputs) and ``mask_rows`` (a block of the anchor and ``block_size`` masks; mask row i, at position
+``n + i``, predicts its own token). Either layout returns ``block_size`` rows, row i predicting the
+token ``i + 1`` places after the anchor, so training and drafting code is the same for both.
 """
 
 from __future__ import annotations
@@ -56,6 +63,20 @@ class BlockDrafterConfig(StrictModel):
     init_from_target: bool = Field(
         False, description="Initialise the draft layers from the target's last layers (same shapes) instead "
         "of at random. Off by default: on SmolLM2 it trained no faster in a 25-step comparison.",
+    )
+    qk_norm: bool = Field(
+        False, description="Per-head RMSNorm on queries and keys before RoPE (Qwen3's layer, which vLLM's DFlash "
+        "drafters have). Off in the shipped checkpoint; on for a drafter that exports to DFlash exactly.",
+    )
+    last_context_input: bool = Field(
+        True, description="Add the newest fused context feature to every block input (a direct path to the newest "
+        "context). DFlash has no such input: off for a drafter that exports to DFlash exactly.",
+    )
+    mask_rows: bool = Field(
+        False, description="Draft from block_size mask rows after the anchor (block_size + 1 inputs; mask row i "
+        "predicts the token at its own position), as DFlash does, instead of from the anchor row and "
+        "block_size - 1 masks (each row predicting the next position). On for a drafter that exports to "
+        "DFlash exactly; the drafts are the same block_size rows either way.",
     )
 
     @field_validator("target_layers")
@@ -132,6 +153,11 @@ class DraftLayer(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
@@ -142,14 +168,19 @@ class DraftLayer(nn.Module):
 
     def kv(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
         """Keys (rotated) and values [B, kv_heads, T, d] of already-normed inputs ``x`` [B, T, hidden]."""
-        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), positions, inv_freq)
-        return k, self._heads(self.v_proj(x), self.num_kv_heads)
+        k = self._heads(self.k_proj(x), self.num_kv_heads)  # [B, kvH, T, d]
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return apply_rope(k, positions, inv_freq), self._heads(self.v_proj(x), self.num_kv_heads)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor,
                 mask: torch.Tensor | None, inv_freq: torch.Tensor) -> torch.Tensor:
         """x: [B, T, hidden] block states; ctx_k/ctx_v: [B, kv_heads, L, d]; mask: [B, 1, T, L + T] or None."""
         h = self.input_layernorm(x)
-        q = apply_rope(self._heads(self.q_proj(h), self.num_heads), positions, inv_freq)  # [B, H, T, d]
+        q = self._heads(self.q_proj(h), self.num_heads)  # [B, H, T, d]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = apply_rope(q, positions, inv_freq)
         k, v = self.kv(h, positions, inv_freq)
         k, v = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)  # [B, kvH, L + T, d]
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, d]
@@ -207,7 +238,8 @@ class BlockDrafterModel(nn.Module):
                     key = key.replace("v_proj", "self_attn.v_proj").replace("o_proj", "self_attn.o_proj")
                     key = key.replace("gate_proj", "mlp.gate_proj").replace("up_proj", "mlp.up_proj")
                     key = key.replace("down_proj", "mlp.down_proj")
-                    p.copy_(src_params[key].to(p.dtype))
+                    if key in src_params:  # a Llama target has no q_norm / k_norm: those stay at one
+                        p.copy_(src_params[key].to(p.dtype))
             self.norm.weight.copy_(target_model.model.norm.weight.to(self.norm.weight.dtype))
 
     @property
@@ -231,18 +263,21 @@ class BlockDrafterModel(nn.Module):
         """Final hidden states [B, M, K, hidden] of M blocks per row.
 
         last_c: [B, M, hidden] fused feature of the position just before each anchor (zeros if none),
-            added to every block input: a direct path to the newest context, which the layers would
-            otherwise have to learn to find by attention (EAGLE feeds the same feature this way).
+            added to every block input (unless ``last_context_input`` is off): a direct path to the newest
+            context, which the layers would otherwise have to learn to find by attention (EAGLE feeds the
+            same feature this way).
         anchor_ids, anchor_pos: [B, M] the anchor token of each block and its position.
         ctx_mask: [B, M, L] which context positions each block may see (None: all of them, M = 1).
         """
         embed = self._shared[0]
         b, m = anchor_ids.shape
-        k = self.cfg.block_size
-        x = self.mask_embedding.to(self.fc.weight.dtype).expand(b, m, k, -1).clone()  # [B, M, K, hidden]
+        # k inputs per block: the anchor and the masks (one more mask in the DFlash layout).
+        k = self.cfg.block_size + self.cfg.mask_rows
+        x = self.mask_embedding.to(self.fc.weight.dtype).expand(b, m, k, -1).clone()  # [B, M, k, hidden]
         x[:, :, 0] = embed(anchor_ids).to(x.dtype)
-        x = x + last_c.to(x.dtype)[:, :, None]
-        x = x.view(b, m * k, -1)  # [B, T = M * K, hidden]
+        if self.cfg.last_context_input:
+            x = x + last_c.to(x.dtype)[:, :, None]
+        x = x.view(b, m * k, -1)  # [B, T = M * k, hidden]
         positions = (anchor_pos[..., None] + torch.arange(k, device=anchor_pos.device)).view(b, m * k)  # [B, T]
         mask = None
         if ctx_mask is not None or m > 1:
@@ -256,7 +291,8 @@ class BlockDrafterModel(nn.Module):
             mask = torch.cat([ctx, same_block.expand(b, -1, -1)], dim=-1)[:, None]  # [B, 1, T, L + T]
         for layer, (ck, cv) in zip(self.layers, ctx_kv, strict=True):
             x = layer(x, positions, ck, cv, mask, self.inv_freq)
-        return self.norm(x).view(b, m, k, -1)
+        out = self.norm(x).view(b, m, k, -1)  # [B, M, k, hidden]
+        return out[:, :, 1:] if self.cfg.mask_rows else out
 
     @property
     def logits_dim(self) -> int:
