@@ -56,10 +56,7 @@ class TargetRank:
 
     def step_batch(self, reqs: list[StepRequest | TreeStepRequest]) -> list[StepResult] | None:
         """Verify a batch of blocks (chains, and draft trees) in one forward pass (all ranks in lockstep)."""
-        if any(isinstance(r, TreeStepRequest) for r in reqs):
-            results = self.verifier.step_mixed(reqs)
-        else:
-            results = self.verifier.step_batch(reqs)  # type: ignore[arg-type]
+        results = self.verifier.verify(reqs)
         return results if self.rank == 0 else None
 
     def free(self, seq_ids: list[str]) -> None:

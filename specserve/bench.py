@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,7 +47,14 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
         ids = engine.info.encode(rec["prompt"], chat=spec.chat)
         engine.info.check_fits(len(ids))
         encoded.append(ids)
-    baseline.generate(encoded[0], spec.params.model_copy(update={"max_tokens": 4}))  # warm-up
+    # Warm every method up on the first prompt: a method's first pass builds kernels for its shapes
+    # (trees' 4D masks, wide passes), which cost seconds once and would land on the first prompt.
+    short = spec.params.model_copy(update={"max_tokens": 8})
+    for name in methods:
+        if name in engines:
+            engines[name].generate(encoded[0], short)
+        else:
+            _run_peer(engine, encoded[0], replace(spec, params=short), name)
 
     rows = []
     bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run")
@@ -164,8 +171,10 @@ def _pooled(runs: list[dict]) -> dict:
 
 
 def method_name(d: DrafterConfig) -> str:
-    """How results name a drafter: its spec, plus the tree budget when it drafts trees."""
-    return f"{d.spec()}+tree{d.tree.max_nodes}" if d.tree.max_nodes else d.spec()
+    """How results name a drafter: its spec, plus the tree budget when it drafts trees, and ``+linear``
+    when adaptive k keeps the linear cost prior instead of measured pass times."""
+    name = f"{d.spec()}+tree{d.tree.max_nodes}" if d.tree.max_nodes else d.spec()
+    return name + "+linear" if d.adaptive_k and not d.measured_pass_cost and d.kind != "none" else name
 
 
 def _tps(rows: list[dict], method: str) -> float:

@@ -166,7 +166,9 @@ class TreeConfig(StrictModel):
         description="Drop nodes whose path probability under the drafter is below this. CLI: --tree-min-prob.",
     )
     adaptive: bool = Field(
-        True, description="Halve the node budget while few tokens are accepted per step, restore it while many are.",
+        True, description="Halve the node budget while the branches add few accepted tokens over the tree's most "
+        "probable path, double it back while they add many (with a full-budget probe every 8 steps at a chain's "
+        "budget). CLI: --no-tree-adaptive turns it off.",
     )
 
 
@@ -205,6 +207,13 @@ class DrafterConfig(StrictModel):
         le=10.0,
         description="Adaptive k's cost model: extra cost of verifying one more draft token, as a fraction "
         "of one target decode step (measured ~0.02-0.04 in bf16 on CPU, higher in fp32).",
+    )
+    measured_pass_cost: bool = Field(
+        True,
+        description="In-process engines (specserve generate/bench): adaptive k prices a k-token step by the "
+        "measured time of single-sequence passes of width k + 1 (verify_cost_per_token only until a width has "
+        "been seen), since pass time need not grow linearly with width (on AVX2 CPUs 2-3 inputs cost more "
+        "than 5-8). Serving replicas fit their own load-aware cost instead.",
     )
     draft_cost_per_token: float | None = Field(
         None,

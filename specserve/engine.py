@@ -20,7 +20,7 @@ from specserve.models import LoadedModel, load_model
 from specserve.sequence import Sequence
 from specserve.stats import SpecStats
 from specserve.step import decode, run_sync
-from specserve.strategy import make_strategy
+from specserve.strategy import PassCost, make_strategy
 from specserve.target import StepRequest, StepResult, TreeStepRequest, Verifier
 from specserve.tree import DraftTree
 
@@ -100,8 +100,10 @@ class LocalVerifier:
 
     async def verify(self, seq: Sequence, block: DraftBlock | DraftTree) -> StepResult:
         if isinstance(block, DraftTree):
-            return self.verifier.step_tree(TreeStepRequest(seq.seq_id, seq.last_id, block))
-        return self.verifier.step(StepRequest(seq.seq_id, seq.last_id, block.token_ids, block.probs))
+            req = TreeStepRequest(seq.seq_id, seq.last_id, block)
+        else:
+            req = StepRequest(seq.seq_id, seq.last_id, block.token_ids, block.probs)
+        return self.verifier.verify([req])[0]
 
 
 class SpecEngine:
@@ -113,6 +115,8 @@ class SpecEngine:
         self.drafter_cfg = drafter_cfg
         self.verifier = Verifier(target, hidden_layers=drafter.target_layers)
         self.info = target.info
+        # Measured pass times by width, shared by this engine's requests (adaptive k's cost model).
+        self.pass_cost = PassCost(drafter_cfg.verify_cost_per_token)
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, target: LoadedModel | None = None) -> SpecEngine:
@@ -122,7 +126,9 @@ class SpecEngine:
 
     def with_drafter(self, drafter_cfg: DrafterConfig) -> SpecEngine:
         """Another engine over the same loaded target with a different drafter (for benchmarks)."""
-        return SpecEngine(self.target, make_drafter(drafter_cfg, self.target), drafter_cfg)
+        engine = SpecEngine(self.target, make_drafter(drafter_cfg, self.target), drafter_cfg)
+        engine.pass_cost = self.pass_cost  # the same machine: one table of pass times
+        return engine
 
     def generate(
         self,
@@ -141,7 +147,8 @@ class SpecEngine:
         seq = Sequence(prompt_ids, params, self.target.tokenizer, info.eos_token_ids)
         proposer = LocalProposer(self.drafter)
         strategy = make_strategy(self.drafter_cfg, self.drafter.draft_cost_per_token,
-                                 speculative=params.speculative)
+                                 speculative=params.speculative,
+                                 pass_cost=self.pass_cost if self.drafter_cfg.measured_pass_cost else None)
         steps = decode(seq, proposer, LocalVerifier(self.verifier), strategy, info.max_context)
         try:
             while True:

@@ -29,6 +29,7 @@ from specserve.drafters.base import DraftBlock
 from specserve.sequence import Sequence
 from specserve.strategy import KStrategy
 from specserve.target import StepResult
+from specserve.tree import DraftTree
 
 T = TypeVar("T")
 
@@ -108,6 +109,8 @@ async def decode(seq: Sequence, proposer: Proposer, verifier: BlockVerifier, str
         stats.draft_time_s += draft_s
         stats.verify_time_s += result.verify_time_s
         strategy.update(num_draft, num_accepted)
+        if not isinstance(block, DraftTree):  # a tree's pass is as wide as its nodes, not its depth
+            strategy.observe_pass(num_draft + 1, result.verify_time_s)
         appended = seq.commit(result.verdict.tokens)
         if not seq.finished:
             proposer.observe(seq, block, result)

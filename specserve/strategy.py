@@ -16,6 +16,8 @@ shrinks (to 0 when drafting does not pay) as the batch grows.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable
 
 from specserve.config import DrafterConfig
@@ -30,6 +32,9 @@ class KStrategy:
 
     def update(self, num_draft: int, num_accepted: int) -> None:
         """Learn from one verified block."""
+
+    def observe_pass(self, width: int, seconds: float) -> None:
+        """One single-sequence verification pass over ``width`` inputs (newest token + draft) took ``seconds``."""
 
 
 class FixedK(KStrategy):
@@ -81,6 +86,43 @@ class VerifyCost:
         return r / (1.0 + r)
 
 
+class PassCost:
+    """Measured time of single-sequence verification passes by width, relative to a plain step.
+
+    A linear model (``1 + c * k``) does not describe every machine: on this project's AVX2 CPUs
+    (MKL, fp32) a pass over 2-3 inputs costs more than one over 5-8, because the matrix products
+    of 2-3 rows are slow (docs/benchmarks.md, "pass time by width"). The table keeps the last
+    ``window`` pass times of every width and answers the cost of a k-token block as the ratio of
+    the medians ``t(k + 1) / t(1)`` (a median shrugs off a pass that built kernels or met a busy
+    machine) once both widths were seen ``min_obs`` times. Unseen widths use the linear prior,
+    which is optimistic, so adaptive k tries them and the table fills where it matters. One table
+    serves every request of an engine: the cost is the machine's, not the request's.
+    """
+
+    def __init__(self, prior_per_token: float, *, window: int = 9, min_obs: int = 3):
+        self.prior = prior_per_token
+        self.window = window
+        self.min_obs = min_obs
+        self.times: dict[int, deque[float]] = {}  # width -> the last pass times in seconds
+
+    def observe(self, width: int, seconds: float) -> None:
+        """One pass over ``width`` inputs of one sequence took ``seconds``."""
+        if width >= 1 and seconds > 0:
+            self.times.setdefault(width, deque(maxlen=self.window)).append(seconds)
+
+    def seconds(self, width: int) -> float | None:
+        """Median time of a pass this wide, or None before ``min_obs`` passes."""
+        times = self.times.get(width)
+        return statistics.median(times) if times and len(times) >= self.min_obs else None
+
+    def relative(self, k: int) -> float:
+        """Cost of verifying a k-token block, in plain steps (1.0 for k = 0)."""
+        plain, wide = self.seconds(1), self.seconds(k + 1)
+        if k > 0 and plain and wide:
+            return wide / plain
+        return 1.0 + self.prior * k
+
+
 class AdaptiveK(KStrategy):
     """Pick k from an exponentially weighted acceptance estimate and a cost model.
 
@@ -88,9 +130,14 @@ class AdaptiveK(KStrategy):
     """
 
     def __init__(self, k_max: int, cost_per_token: float | Callable[[], float], *, decay: float = 0.9,
-                 probe_every: int = 8, prior_alpha: float = 0.6):
+                 probe_every: int = 8, prior_alpha: float = 0.6, pass_cost: PassCost | None = None,
+                 draft_cost_per_token: float = 0.0):
         self.k_max = k_max
         self.cost = cost_per_token if callable(cost_per_token) else (lambda: cost_per_token)
+        # With a measured table, a k-token step costs pass_cost.relative(k) + drafting (the table
+        # replaces the linear verification term of ``cost_per_token``).
+        self.pass_cost = pass_cost
+        self.draft_cost = draft_cost_per_token
         self.decay = decay
         self.probe_every = probe_every
         # Pseudo-counts: the prior behaves like a few observed tokens, so one bad block does not
@@ -111,7 +158,11 @@ class AdaptiveK(KStrategy):
         cost = self.cost()
         best, best_rate = 0, 1.0
         for k in range(1, self.k_max + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / (1 + cost * k)
+            if self.pass_cost is not None:
+                step_cost = self.pass_cost.relative(k) + self.draft_cost * k
+            else:
+                step_cost = 1 + cost * k
+            rate = (1 - a ** (k + 1)) / (1 - a) / step_cost
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
@@ -125,6 +176,10 @@ class AdaptiveK(KStrategy):
                 self.probing = True
                 return min(2, self.k_max)
         return k
+
+    def observe_pass(self, width: int, seconds: float) -> None:
+        if self.pass_cost is not None:
+            self.pass_cost.observe(width, seconds)
 
     def update(self, num_draft: int, num_accepted: int) -> None:
         if num_draft == 0:
@@ -165,17 +220,23 @@ def pass_draft_length(drafts: list[tuple[int, float | None]], ratio: float) -> i
 
 
 def make_strategy(cfg: DrafterConfig, draft_cost_per_token: float,
-                  verify_cost: Callable[[], float] | None = None, *, speculative: bool = True) -> KStrategy:
+                  verify_cost: Callable[[], float] | None = None, *, speculative: bool = True,
+                  pass_cost: PassCost | None = None) -> KStrategy:
     """The strategy a request uses, from the drafter config and the drafter's own cost estimate.
 
     ``verify_cost``: the load-aware verification cost per draft token (default: the config's
-    batch-1 figure). ``speculative=False`` (a request that turned speculation off) decodes plainly.
+    batch-1 figure). ``pass_cost``: a measured table of single-sequence pass times by width (an
+    in-process engine's), used instead when given. ``speculative=False`` (a request that turned
+    speculation off) decodes plainly.
     """
     if not speculative or cfg.num_speculative_tokens == 0 or cfg.kind == "none":
         return FixedK(0)
     if not cfg.adaptive_k:
         return FixedK(cfg.num_speculative_tokens)
     c_draft = cfg.draft_cost_per_token if cfg.draft_cost_per_token is not None else draft_cost_per_token
+    if pass_cost is not None:
+        return AdaptiveK(cfg.num_speculative_tokens, cfg.verify_cost_per_token + c_draft, pass_cost=pass_cost,
+                         draft_cost_per_token=c_draft)
     if verify_cost is None:
         return AdaptiveK(cfg.num_speculative_tokens, cfg.verify_cost_per_token + c_draft)
     return AdaptiveK(cfg.num_speculative_tokens, lambda: verify_cost() + c_draft)

@@ -84,13 +84,24 @@ class Verifier:
         prefix = prompt_ids[:-1]
         if not prefix:
             return None
-        out = self._forward(state, prefix)
+        out = self._forward(state, prefix, logits=False)
         state.num_cached = len(prefix)
         return self._features(out, 0, len(prefix))
 
     def free(self, seq_id: str) -> None:
         """Forget a sequence (finished, aborted, or its client went away)."""
         self.states.pop(seq_id, None)
+
+    def verify(self, reqs: list[StepRequest | TreeStepRequest]) -> list[StepResult]:
+        """Verify any mix of chains and trees of distinct sequences in one forward pass.
+
+        The one entry point for callers: it picks the cheapest pass that fits the batch (one
+        sequence, chains only with a 2D mask, or chains and trees with per-row 4D masks).
+        """
+        has_tree = any(isinstance(r, TreeStepRequest) for r in reqs)
+        if len(reqs) == 1:
+            return [self.step_tree(reqs[0]) if has_tree else self.step(reqs[0])]  # type: ignore[arg-type]
+        return self.step_mixed(reqs) if has_tree else self.step_batch(reqs)  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def step(self, req: StepRequest) -> StepResult:
@@ -124,7 +135,8 @@ class Verifier:
             mask[i, max_len - n_cached : max_len + len(x)] = 1
         positions = torch.stack([torch.arange(n, n + max_in, device=device) for n in lens])  # [B, m]
         cache = _stack_caches([s.cache for s in states], lens, max_len)
-        out = self.target.model(
+        out = self._model(
+            max_in,
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
@@ -155,7 +167,8 @@ class Verifier:
         base = state.num_cached
         ids, mask, positions = flatten(req.tree, req.last_id, base, self.target.dtype)
         device = self.target.device
-        out = self.target.model(
+        out = self._model(
+            len(ids),
             input_ids=torch.tensor([ids], device=device),  # [1, n + 1]
             attention_mask=mask.to(device),  # [1, 1, n + 1, base + n + 1]
             position_ids=positions.to(device),  # [1, n + 1]
@@ -203,7 +216,8 @@ class Verifier:
             visible[i, torch.arange(m, max_in), max_len + torch.arange(m, max_in)] = True
         mask = torch.zeros(batch, 1, max_in, max_len + max_in, dtype=dtype)  # [B, 1, m, L + m]
         mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
-        out = self.target.model(
+        out = self._model(
+            max_in,
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
@@ -232,15 +246,36 @@ class Verifier:
             results.append(StepResult(verdict, hidden, elapsed))
         return results
 
-    def _forward(self, state: TargetState, inputs: list[int]):
+    def _forward(self, state: TargetState, inputs: list[int], logits: bool = True):
+        """One sequence's pass over ``inputs``; ``logits=False`` (a prefill) computes only the last row's."""
         ids = torch.tensor([inputs], device=self.target.device)  # [1, m]
-        out = self.target.model(
+        out = self._model(
+            len(inputs) if logits else 1,
             input_ids=ids,
             past_key_values=state.cache,
             use_cache=True,
             output_hidden_states=bool(self.hidden_layers),
         )
         state.num_cached += len(inputs)
+        return out
+
+    def _model(self, num_logits: int, **kwargs):
+        """The target's forward with logits for the last ``num_logits`` input positions of every row.
+
+        On the CPU the LM head's matrix product (rows x vocabulary, the largest in the model) is
+        much slower for some row counts than for the next multiple of 4 (MKL on this project's
+        AVX2 machines: 3 rows cost 1.6-2x what 4 rows cost; docs/benchmarks.md), so the kept
+        positions are padded to a multiple of 4 by repeating the last one, and the logits of the
+        repeats are dropped. A prefill asks for one row: its logits are never used.
+        """
+        batch, seq_len = kwargs["input_ids"].shape
+        # Repeats per row that make the head's row count (batch x kept positions) a multiple of 4.
+        pad = next(p for p in range(4) if batch * (num_logits + p) % 4 == 0) if num_logits > 1 else 0
+        if pad == 0 or self.target.device.type != "cpu":
+            return self.target.model(**kwargs, logits_to_keep=num_logits)
+        keep = torch.arange(seq_len - num_logits, seq_len + pad, device=self.target.device).clamp_(max=seq_len - 1)
+        out = self.target.model(**kwargs, logits_to_keep=keep)
+        out.logits = out.logits[:, :num_logits]
         return out
 
     def _accept(self, state: TargetState, req: StepRequest, logits: torch.Tensor, out, row: int,

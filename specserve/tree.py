@@ -92,6 +92,16 @@ class DraftTree:
             return self
         return subtree(self, [i for i, d in enumerate(self.depths) if d <= k])
 
+    def main_path_tokens(self) -> list[int]:
+        """Tokens of the most probable path: from the root, the most probable child each time (first on ties)."""
+        out, node = [], ROOT
+        while True:
+            kids = self.children(node)
+            if not kids:
+                return out
+            node = max(kids, key=lambda i: (self.node_probs[i], -i))
+            out.append(self.tokens[node])
+
     def children(self, node: int) -> list[int]:
         """Indices of ``node``'s children in node order (``node`` = ROOT for the root's)."""
         return [i for i, p in enumerate(self.parents) if p == node]

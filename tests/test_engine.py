@@ -163,6 +163,44 @@ def test_batched_verification_equals_one_at_a_time(tiny_target):
         drafts = [d[::-1] for d in drafts]
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_verifier_logits_equal_the_models_own_for_every_width(tiny_target, batch):
+    """The LM head's rows are padded to a multiple of 4 on the CPU: the logits kept are the model's."""
+    verifier = Verifier(tiny_target)
+    ids = torch.arange(5, 5 + 9 * batch).view(batch, 9)
+    with torch.inference_mode():
+        full = tiny_target.model(input_ids=ids).logits  # [B, 9, vocab]
+        for n in range(1, 10):
+            out = verifier._model(n, input_ids=ids)
+            assert out.logits.shape == (batch, n, full.shape[-1])
+            torch.testing.assert_close(out.logits, full[:, -n:], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_computes_one_row_of_logits(tiny_target):
+    """A prefill's logits are never used: the pass asks the LM head for one row only."""
+    verifier = Verifier(tiny_target)
+    state_ids = tiny_target.tokenizer.encode(PROMPTS[0])
+    verifier.add("s", state_ids, SamplingParams())
+    state = verifier.states["s"]
+    out = verifier._forward(state, [5, 6, 7], logits=False)
+    assert out.logits.shape[1] == 1
+
+
+def test_engine_times_its_passes_by_width_for_adaptive_k(tiny_target):
+    """Every chain step of an adaptive request lands in the engine's table, shared by with_drafter."""
+    engine = engine_for(tiny_target, "ngram", 4, adaptive=True)
+    result = engine.generate(PROMPTS[0], SamplingParams(max_tokens=24))
+    steps = result.stats.num_steps
+    times = engine.pass_cost.times
+    assert set(times) <= set(range(1, 6))  # widths 1 (plain) .. k + 1
+    assert min(steps, 9) <= sum(len(t) for t in times.values()) <= steps  # the last 9 of each width are kept
+    other = engine.with_drafter(DrafterConfig(kind="ngram", num_speculative_tokens=4))
+    assert other.pass_cost is engine.pass_cost
+    fixed = engine_for(tiny_target, "ngram", 4, adaptive=False)
+    fixed.generate(PROMPTS[0], SamplingParams(max_tokens=8))
+    assert fixed.pass_cost.times == {}  # a fixed k has nothing to price
+
+
 def test_prompt_longer_than_context_is_refused(tiny_target):
     engine = engine_for(tiny_target, "ngram", 4)
     with pytest.raises(SpecServeError) as e:

@@ -3,7 +3,7 @@
 import pytest
 
 from specserve.config import DrafterConfig
-from specserve.strategy import AdaptiveK, FixedK, VerifyCost, make_strategy
+from specserve.strategy import AdaptiveK, FixedK, PassCost, VerifyCost, make_strategy
 
 
 def feed(strategy: AdaptiveK, num_draft: int, num_accepted: int, times: int) -> None:
@@ -126,3 +126,55 @@ def test_a_probe_is_marked_so_that_it_is_not_cut():
     strategy = AdaptiveK(6, 10.0, probe_every=2)  # drafting never pays at this cost: every other step probes
     ks = [(strategy.next_k(), strategy.probing) for _ in range(4)]
     assert ks == [(0, False), (2, True), (0, False), (2, True)]
+
+
+def _table(times_ms: dict[int, float], repeats: int = 3) -> PassCost:
+    cost = PassCost(0.03)
+    for _ in range(repeats):
+        for width, ms in times_ms.items():
+            cost.observe(width, ms / 1000)
+    return cost
+
+
+def test_pass_cost_uses_the_prior_until_a_width_was_seen_enough_then_the_median():
+    cost = PassCost(0.03, min_obs=3)
+    assert cost.relative(4) == pytest.approx(1.12)
+    for seconds in (0.050, 0.050, 0.050):
+        cost.observe(1, seconds)
+    for seconds in (0.075, 5.0):  # a kernel-building outlier among the first passes
+        cost.observe(5, seconds)
+    assert cost.relative(4) == pytest.approx(1.12)  # width 5 seen twice: still the prior
+    cost.observe(5, 0.075)
+    assert cost.relative(4) == pytest.approx(1.5)  # the median ignores the outlier
+    assert cost.relative(0) == 1.0
+
+
+def test_measured_costs_skip_widths_that_cost_more_than_wider_ones():
+    """Where 2-3 inputs cost more than 5 (this project's AVX2 CPUs), adaptive k drafts 4, not 1-2."""
+    cost = _table({1: 50, 2: 98, 3: 108, 4: 85, 5: 75, 6: 74, 7: 80})
+    k = AdaptiveK(6, 0.03, pass_cost=cost)
+    k.accepted, k.rejected = 7.0, 3.0  # alpha 0.7
+    assert k.next_k() == 5  # width 6 is the cheapest wide pass (width 7 costs more)
+    linear = AdaptiveK(6, 0.03)
+    linear.accepted, linear.rejected = 7.0, 3.0
+    assert linear.next_k() == 6
+
+
+def test_measured_costs_turn_drafting_off_when_no_width_pays():
+    """A first draft token that costs half a step never pays at 15% acceptance: plain decoding."""
+    cost = _table({w: (50 if w == 1 else 75) for w in range(1, 8)})
+    k = AdaptiveK(6, 0.03, pass_cost=cost)
+    k.accepted, k.rejected = 0.15, 0.85
+    assert k.best_k() == 0
+    linear = AdaptiveK(6, 0.03)
+    linear.accepted, linear.rejected = 0.15, 0.85
+    assert linear.best_k() == 1  # the linear prior believes one draft token costs 3% of a step
+
+
+def test_make_strategy_prices_steps_by_the_table_it_is_given():
+    cost = _table({1: 50, 2: 100, 3: 100, 4: 100, 5: 100})
+    cfg = DrafterConfig(kind="ngram", num_speculative_tokens=4)
+    strategy = make_strategy(cfg, 0.0, pass_cost=cost)
+    assert isinstance(strategy, AdaptiveK) and strategy.pass_cost is cost
+    strategy.observe_pass(2, 0.1)
+    assert len(cost.times[2]) == 4

@@ -14,8 +14,8 @@ from transformers import DynamicCache
 from specserve.cli import main
 from specserve.config import DrafterConfig, SamplingParams, TreeConfig
 from specserve.drafters import make_drafter
-from specserve.drafters.ngram import lookup, ngram_tree
-from specserve.drafters.tree import AdaptiveTreeBudget
+from specserve.drafters.ngram import NgramDrafter, lookup, ngram_tree
+from specserve.drafters.tree import AdaptiveTreeBudget, TreeDrafter
 from specserve.engine import SpecEngine
 from specserve.errors import SpecServeError
 from specserve.target import StepRequest, TreeStepRequest, Verifier
@@ -103,19 +103,35 @@ def test_truncating_a_tree_drops_the_nodes_below_k():
     assert sorted(tree.depths) == [1, 1, 2, 2] and tree.token_ids == [5, 7]
 
 
-def test_adaptive_budget_shrinks_when_acceptance_is_low_and_grows_back():
-    budget = AdaptiveTreeBudget(TreeConfig(max_nodes=32))
+def test_adaptive_budget_shrinks_while_branches_add_nothing_probes_and_grows_back():
+    budget = AdaptiveTreeBudget(TreeConfig(max_nodes=32), probe_every=4)
     assert budget.budget(6).max_nodes == 32
     for _ in range(6):
-        budget.update(6, 0)
+        budget.update(5, 5)  # high acceptance, all of it on the main path: the branches add nothing
     assert budget.budget(6).max_nodes == 6  # down to a chain's worth
+    # At a chain's budget every probe_every-th step drafts the full tree.
+    assert [budget.budget(6).max_nodes for _ in range(4)] == [6, 6, 32, 6]
     for _ in range(12):
-        budget.update(6, 6)
+        budget.update(1, 0)  # low acceptance, but all of it from branches: the tree pays
     assert budget.budget(6).max_nodes == 32
     fixed = AdaptiveTreeBudget(TreeConfig(max_nodes=32, adaptive=False))
     for _ in range(6):
-        fixed.update(6, 0)
-    assert fixed.budget(6).max_nodes == 32
+        fixed.update(5, 5)
+    assert [fixed.budget(6).max_nodes for _ in range(8)] == [32] * 8
+
+
+def test_tree_drafter_scores_its_branches_against_the_main_path():
+    """Commit feeds the budget the tree's accepted tokens and its main path's: a branch hit is a gain."""
+    tree_drafter = TreeDrafter(NgramDrafter(), TreeConfig(max_nodes=8))
+    prompt = [1, 2, 3, 9, 1, 2, 4, 8, 1, 2]
+    tree_drafter.start("s", prompt, SamplingParams())
+    tree = tree_drafter.propose("s", prompt, 3)
+    assert tree.main_path_tokens() == [4, 8, 1]  # the most recent match is the chain
+    assert sorted(tree.tokens[i] for i in tree.children(ROOT)) == [3, 4]
+    budget = tree_drafter.budgets["s"]
+    before = budget.gain
+    tree_drafter.commit("s", prompt + [3, 9, 7])  # the branch [3, 9] accepted, the main path's 4 not
+    assert budget.gain == pytest.approx(budget.decay * before + (1 - budget.decay) * 2)
 
 
 # ---------------------------------------------------------------- the mask and one-pass verification

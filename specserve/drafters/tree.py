@@ -3,41 +3,62 @@
 from __future__ import annotations
 
 from specserve.config import TreeConfig
-from specserve.drafters.base import Drafter
+from specserve.drafters.base import Drafter, common_prefix_len
 from specserve.tree import DraftTree, tree_from_position_probs
 
 
 class AdaptiveTreeBudget:
-    """Shrinks the node budget while acceptance is low, grows it back while it is high.
+    """Shrinks the node budget while the tree's branches add little, grows it back while they add a lot.
 
-    The tree's value is the extra accepted length it buys over its most probable path; when
-    even the main path is rarely accepted, extra branches mostly cost verification. The budget
-    follows an exponentially weighted accepted length per step relative to the tree's depth:
-    below ``low`` of the depth it halves (down to a chain, budget = depth), above ``high`` it
-    doubles (up to ``max_nodes``).
+    What a tree buys over a chain is what its branches add: the tokens accepted beyond what its
+    most probable path alone would have had accepted. The budget follows the exponentially
+    weighted **gain** (accepted by the tree minus accepted by its main path) relative to the tokens
+    the main path yields per step (its accepted tokens + 1). Below ``low`` the budget halves (down
+    to a chain, budget = depth), above ``high`` it doubles (up to ``max_nodes``). A chain cannot
+    show a gain, so at a chain's budget every ``probe_every``-th step drafts the full tree again.
+
+    This judges the tree by its branches, not by overall acceptance: a weak drafter whose second
+    choices carry probability (the block drafter's lattice) keeps its wide tree, while an n-gram
+    tree whose extra matches are never right shrinks to its chain.
     """
 
-    def __init__(self, cfg: TreeConfig, *, decay: float = 0.8, low: float = 0.25, high: float = 0.5):
+    def __init__(self, cfg: TreeConfig, *, decay: float = 0.8, low: float = 0.05, high: float = 0.15,
+                 probe_every: int = 8):
         self.cfg = cfg
         self.decay, self.low, self.high = decay, low, high
+        self.probe_every = probe_every
         self.max_nodes = cfg.max_nodes
-        self.ratio = (low + high) / 2  # prior: neither shrink nor grow on the first step
+        # Prior: a gain between low and high (neither shrink nor grow on the first step).
+        self.gain, self.base = (low + high) / 2, 1.0
+        self.chain_steps = 0
 
     def budget(self, depth: int) -> TreeConfig:
         """The tree config for the next step, at most ``depth`` deep (adaptive k's choice)."""
         depth = max(1, min(depth, self.cfg.max_depth))
         nodes = min(self.cfg.max_nodes, max(self.max_nodes, depth))
+        if self.cfg.adaptive and nodes <= depth:
+            self.chain_steps += 1
+            if self.chain_steps % self.probe_every == 0:
+                nodes = self.cfg.max_nodes  # probe: can the branches pay again?
         return self.cfg.model_copy(update={"max_nodes": nodes, "max_depth": depth})
 
-    def update(self, depth: int, num_accepted: int) -> None:
-        """Learn from one verified tree ``depth`` deep that had ``num_accepted`` tokens accepted."""
-        if not self.cfg.adaptive or depth == 0:
+    @property
+    def relative_gain(self) -> float:
+        """Weighted tokens the branches added per token the main path yielded."""
+        return self.gain / self.base
+
+    def update(self, num_accepted: int, main_accepted: int) -> None:
+        """Learn from one verified tree: ``num_accepted`` tokens accepted, ``main_accepted`` of them
+        on (a prefix of) its most probable path, i.e. what its chain alone would have had accepted."""
+        if not self.cfg.adaptive:
             return
-        self.ratio = self.decay * self.ratio + (1 - self.decay) * num_accepted / depth
-        if self.ratio < self.low:
-            self.max_nodes = max(depth, self.max_nodes // 2)
-        elif self.ratio > self.high:
-            self.max_nodes = min(self.cfg.max_nodes, self.max_nodes * 2)
+        d = self.decay
+        self.gain = d * self.gain + (1 - d) * max(0, num_accepted - main_accepted)
+        self.base = d * self.base + (1 - d) * (1 + main_accepted)
+        if self.relative_gain < self.low:
+            self.max_nodes = max(1, self.max_nodes // 2)
+        elif self.relative_gain > self.high:
+            self.max_nodes = min(self.cfg.max_nodes, max(2, self.max_nodes * 2))
 
 
 class TreeDrafter(Drafter):
@@ -45,7 +66,7 @@ class TreeDrafter(Drafter):
 
     ``propose(seq_id, token_ids, k)`` returns a :class:`DraftTree` at most k deep (a tree is a
     kind of proposal: the decode loop treats it as a block as long as its deepest path, and the
-    verifier checks it with :meth:`specserve.target.Verifier.step_tree`). Drafters with a
+    verifier checks it with :meth:`specserve.target.Verifier.verify`). Drafters with a
     ``propose_tree(seq_id, token_ids, budget)`` method build their own trees; drafters whose
     positions are independent distributions may instead offer ``position_probs(seq_id, token_ids,
     k) -> [k, vocab]`` and get the lattice of :func:`tree_from_position_probs`; others give their
@@ -59,7 +80,8 @@ class TreeDrafter(Drafter):
         self.draft_cost_per_token = inner.draft_cost_per_token
         self.target_layers = inner.target_layers
         self.budgets: dict[str, AdaptiveTreeBudget] = {}
-        self.last: dict[str, tuple[int, int]] = {}  # seq_id -> (committed length, depth) of the last tree
+        # seq_id -> (committed length, most probable path's tokens) of the last tree
+        self.last: dict[str, tuple[int, list[int]]] = {}
         self.num_nodes = 0  # nodes proposed over all sequences (benchmarks read it)
 
     def start(self, seq_id, prompt_ids, params, target_hidden=None) -> None:
@@ -78,15 +100,17 @@ class TreeDrafter(Drafter):
         else:
             block = self.inner.propose(seq_id, token_ids, k)
             tree = DraftTree.chain(block.token_ids[:k], block.probs[:k] if block.probs is not None else None)
-        self.last[seq_id] = (len(token_ids), tree.depth)
+        self.last[seq_id] = (len(token_ids), tree.main_path_tokens())
         self.num_nodes += len(tree)
         return tree
 
     def commit(self, seq_id, token_ids, target_hidden=None) -> None:
         last = self.last.pop(seq_id, None)
         if last is not None and seq_id in self.budgets:
-            length, depth = last
-            self.budgets[seq_id].update(depth, max(0, len(token_ids) - length - 1))
+            length, main = last
+            new = token_ids[length:]  # accepted draft tokens, then the target's own token
+            accepted = max(0, len(new) - 1)
+            self.budgets[seq_id].update(accepted, min(accepted, common_prefix_len(main, new)))
         self.inner.commit(seq_id, token_ids, target_hidden)
 
     def finish(self, seq_id: str) -> None:
