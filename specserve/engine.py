@@ -124,6 +124,11 @@ class SpecEngine:
         target = target or load_model(cfg.model)
         return cls(target, make_drafter(cfg.drafter, target), cfg.drafter)
 
+    def _priced_by_width(self) -> bool:
+        """Chains are priced by measured pass times; a tree's pass is as wide as its nodes, not its
+        depth, so tree drafters keep the linear prior."""
+        return self.drafter_cfg.measured_pass_cost and not self.drafter_cfg.tree.max_nodes
+
     def with_drafter(self, drafter_cfg: DrafterConfig) -> SpecEngine:
         """Another engine over the same loaded target with a different drafter (for benchmarks)."""
         engine = SpecEngine(self.target, make_drafter(drafter_cfg, self.target), drafter_cfg)
@@ -148,7 +153,7 @@ class SpecEngine:
         proposer = LocalProposer(self.drafter)
         strategy = make_strategy(self.drafter_cfg, self.drafter.draft_cost_per_token,
                                  speculative=params.speculative,
-                                 pass_cost=self.pass_cost if self.drafter_cfg.measured_pass_cost else None)
+                                 pass_cost=self.pass_cost if self._priced_by_width() else None)
         steps = decode(seq, proposer, LocalVerifier(self.verifier), strategy, info.max_context)
         try:
             while True:

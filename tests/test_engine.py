@@ -6,7 +6,7 @@ import pytest
 import torch
 from distribution import chi_square_p_value, sample_outcomes, shifted, two_token_distribution
 
-from specserve.config import DrafterConfig, SamplingParams
+from specserve.config import DrafterConfig, SamplingParams, TreeConfig
 from specserve.drafters import make_drafter
 from specserve.engine import SpecEngine
 from specserve.errors import SpecServeError
@@ -199,6 +199,8 @@ def test_engine_times_its_passes_by_width_for_adaptive_k(tiny_target):
     fixed = engine_for(tiny_target, "ngram", 4, adaptive=False)
     fixed.generate(PROMPTS[0], SamplingParams(max_tokens=8))
     assert fixed.pass_cost.times == {}  # a fixed k has nothing to price
+    tree = engine.with_drafter(DrafterConfig(kind="ngram", num_speculative_tokens=4, tree=TreeConfig(max_nodes=8)))
+    assert engine._priced_by_width() and not tree._priced_by_width()  # a tree's width is its node count
 
 
 def test_prompt_longer_than_context_is_refused(tiny_target):
