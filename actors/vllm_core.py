@@ -42,6 +42,7 @@ from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.streaming import RequestStream
 from actors.vllm_proposer import CONFIG_KEY, PLAIN_PREFIX
+from actors.vllm_watchdog import OWNER_ENV
 from cluster.placement import actor_options
 from specserve.config import SamplingParams, check_engine_fits
 from specserve.errors import Saturated, SpecServeError, TargetFailed
@@ -147,6 +148,8 @@ class VllmCore:
         if self.remote_drafting:
             await self._start_workers()
         args = self.engine_args()
+        # The engine's processes end themselves once this replica is gone, however it dies (actors.vllm_watchdog).
+        os.environ[OWNER_ENV] = str(os.getpid())
         for _ in range(cfg.topology.num_target_groups):
             self.engines.append(AsyncLLM.from_engine_args(args))
 

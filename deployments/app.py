@@ -1,4 +1,4 @@
-"""The Ray Serve application: an OpenAI-compatible ingress in front of the speculative router.
+"""The Ray Serve application: OpenAI-compatible routes on the model replica that decodes the requests.
 
 ``build_app(args)`` is what a RayService ``serveConfigV2`` imports
 (``import_path: deployments.app:build_app``); ``args`` is validated as
@@ -7,6 +7,7 @@ are computed from that config by ``deployment_options`` and logged.
 """
 
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
-from actors.config import ReplicaConfig
 from cluster.local import pin_serve_grpc_to_loopback
 from deployments.auth import APIKeyAuth, protect
 from deployments.config import AppConfig
@@ -28,11 +28,12 @@ from deployments.openai_api import (
     first_chunk,
     new_id,
     parse,
+    read_body,
     sse,
 )
+from deployments.readiness import RETRY_AFTER_S, Readiness
 from specserve.config import SamplingParams, check_engine_fits
 from specserve.errors import ErrorInfo, SpecServeError
-from specserve.models import ModelInfo
 from specserve.outputs import StreamChunk
 
 log = logging.getLogger("specserve.app")
@@ -41,27 +42,57 @@ log = logging.getLogger("specserve.app")
 APP_NAME = "specserve"
 
 
-@serve.deployment(name="SpecRouter")
-class SpecRouter:
-    """One model replica: a core with its own draft workers and target groups."""
+api = FastAPI(title="specserve", description="OpenAI-compatible speculative decoding server")
+# Every route below needs an API key when keys are configured (except /health); see deployments/auth.py.
+protect(api, lambda: serve.get_replica_context().servable_object.auth)
+
+
+@serve.deployment(name="SpecServer")
+@serve.ingress(api)
+class SpecServer:
+    """One model replica behind its own HTTP routes: OpenAI requests are validated, tokenized and decoded here.
+
+    The core (``RouterCore`` with its draft workers and target groups, or ``VllmCore`` with its vLLM
+    engines) lives in this process, so a token crosses no Ray hop between the engine and the HTTP
+    response: the only hop left is Serve's proxy, which forwards the response's bytes.
+
+    The core starts in the background: the replica answers at once, ``/health`` says 503 (JSON naming
+    what is starting) until the core can serve a request, and requests sent before that get the same
+    503 instead of waiting in Serve's proxy for a minute.
+    """
 
     async def __init__(self, config: dict):
         pin_serve_grpc_to_loopback()
-        replica = ReplicaConfig.model_validate(config)
+        self.config = AppConfig.model_validate(config)
+        replica = self.config.replica()
         if replica.model.engine == "vllm":
             from actors.vllm_core import VllmCore as Core
         else:
             from actors.router import RouterCore as Core
         self.core = Core(replica)
-        await self.core.start()
+        self.info = self.core.info
+        self.model_name = self.config.serve.model_name
+        from actors.metrics import error_counter
 
-    async def generate(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[StreamChunk]:
-        """Stream the request's chunks; an error ends the stream as a chunk (types do not cross the handle)."""
-        try:
-            async for chunk in self.core.generate(prompt_ids, SamplingParams.model_validate(params), request_id):
-                yield chunk
-        except SpecServeError as e:
-            yield StreamChunk.failed(e.info())
+        self.errors = error_counter(self.model_name)
+        self.auth = APIKeyAuth.load(self.config.serve.api_keys_file,
+                                    on_reject=lambda: self.errors.inc(1, tags={"status": "401"}))
+        self.readiness = Readiness(self.core.start(), what=f"engine {replica.model.engine}")
+
+    # ------------------------------------------------------------------ Serve and operators
+
+    async def check_health(self) -> None:
+        """Serve's health check: a failed start or a dead engine makes Serve replace the replica."""
+        if self.readiness.error is not None:
+            raise RuntimeError(f"model replica failed to start: {self.readiness.error}")
+        if self.readiness.ready and not self.core.healthy():
+            raise RuntimeError("the model replica's engine or a target group is down")
+
+    async def is_ready(self) -> bool:
+        """True once this replica serves requests (``wait_until_ready`` asks it); raises if the start failed."""
+        if self.readiness.error is not None:
+            raise RuntimeError(f"model replica failed to start: {self.readiness.error}")
+        return self.readiness.ready
 
     async def status(self) -> dict:
         return self.core.status()
@@ -72,10 +103,6 @@ class SpecRouter:
     async def placement(self) -> dict:
         return await self.core.placement()
 
-    async def check_health(self) -> None:
-        if not self.core.healthy():
-            raise RuntimeError("a target group has no ranks")
-
     def __del__(self):
         core = getattr(self, "core", None)
         if core is not None:
@@ -84,36 +111,21 @@ class SpecRouter:
             except Exception:
                 pass
 
+    # ----------------------------------------------------------------------------- routes
 
-api = FastAPI(title="specserve", description="OpenAI-compatible speculative decoding server")
-# Every route below needs an API key when keys are configured (except /health); see deployments/auth.py.
-protect(api, lambda: serve.get_replica_context().servable_object.auth)
-
-
-@serve.deployment(name="OpenAIIngress")
-@serve.ingress(api)
-class OpenAIIngress:
-    """HTTP front: validates OpenAI requests, tokenizes, streams the replica's chunks back."""
-
-    def __init__(self, router, config: dict):
-        pin_serve_grpc_to_loopback()
-        self.config = AppConfig.model_validate(config)
-        self.info = ModelInfo.load(self.config.model, self.config.serve.max_model_len)
-        self.router = router
-        self.model_name = self.config.serve.model_name
-        from actors.metrics import error_counter
-
-        self.errors = error_counter(self.model_name)
-        self.auth = APIKeyAuth.load(self.config.serve.api_keys_file,
-                                    on_reject=lambda: self.errors.inc(1, tags={"status": "401"}))
-
-    def _error(self, e: ErrorInfo) -> JSONResponse:
+    def _error(self, e: ErrorInfo, headers: dict | None = None) -> JSONResponse:
         self.errors.inc(1, tags={"status": str(e.status)})
-        return JSONResponse(error_body(e), status_code=e.status)
+        return JSONResponse(error_body(e), status_code=e.status, headers=headers)
+
+    def _not_ready(self) -> JSONResponse | None:
+        """503 JSON while the core starts (or after it failed to); None once it serves."""
+        info = self.readiness.unavailable()
+        return None if info is None else self._error(info, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    async def health(self):
+        """Readiness: 200 once this replica can serve a request, 503 JSON saying what is starting before."""
+        return self._not_ready() or {"status": "ok"}
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -121,10 +133,12 @@ class OpenAIIngress:
                                             "owned_by": "specserve", "max_model_len": self.info.max_context}]}
 
     @api.get("/v1/router/status")
-    async def router_status(self) -> dict:
+    async def router_status(self):
         """Live request counts and sequences held by every worker (operators' view; tests check leaks)."""
-        status = await self.router.status.remote()
-        status["held"] = await self.router.held_sequences.remote()
+        if (busy := self._not_ready()) is not None:
+            return busy
+        status = self.core.status()
+        status["held"] = await self.core.held_sequences()
         return status
 
     @api.post("/v1/completions")
@@ -136,8 +150,10 @@ class OpenAIIngress:
         return await self._handle(request, "chat")
 
     async def _handle(self, request: Request, kind: str):
+        if (busy := self._not_ready()) is not None:
+            return busy
         try:
-            body = await request.body()
+            body = await read_body(request, self.config.serve.max_body_bytes)
             req = parse(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
             if req.model != self.model_name:
                 raise SpecServeError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
@@ -148,27 +164,36 @@ class OpenAIIngress:
         except SpecServeError as e:
             return self._error(e.info())
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        stream = self.router.options(stream=True).generate.remote(prompt_ids, params.model_dump(mode="json"), rid)
+        stream = self._chunks(prompt_ids, params, rid)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             first = await first_chunk(stream)
             if first.error is not None:
+                await stream.aclose()
                 return self._error(first.error)
             return StreamingResponse(self._sse(kind, rid, first, stream, include_usage),
                                      media_type="text/event-stream")
-        text, final = "", None
-        try:
+        parts, final = [], None
+        async with contextlib.aclosing(stream):  # client gone or replica shutting down: the core frees it
             async for chunk in stream:
                 if chunk.error is not None:
                     return self._error(chunk.error)
-                text += chunk.text
+                parts.append(chunk.text)
                 final = chunk
-        except BaseException:
-            stream.cancel()  # client gone or replica shutting down: the router frees the sequence
-            raise
-        return completion_body(kind, rid, self.model_name, text, final.finish_reason if final else None,
+        return completion_body(kind, rid, self.model_name, "".join(parts), final.finish_reason if final else None,
                                final.usage.to_dict() if final and final.usage else None,
                                final.stats if final else None, chunk=False)
+
+    async def _chunks(self, prompt_ids: list[int], params: SamplingParams, rid: str) -> AsyncIterator[StreamChunk]:
+        """The core's chunks; a user or capacity error ends the stream as a chunk carrying its status."""
+        gen = self.core.generate(prompt_ids, params, rid)
+        try:
+            async for chunk in gen:
+                yield chunk
+        except SpecServeError as e:
+            yield StreamChunk.failed(e.info())
+        finally:
+            await gen.aclose()
 
     def _prompt_ids(self, req, kind: str) -> list[int]:
         if kind == "chat":
@@ -178,12 +203,10 @@ class OpenAIIngress:
         return self.info.encode(req.prompt)
 
     async def _sse(self, kind: str, rid: str, first: StreamChunk, stream, include_usage: bool) -> AsyncIterator[str]:
-        try:
+        # aclosing runs when the client disconnects mid-stream too: closing the core's generator frees its sequence.
+        async with contextlib.aclosing(stream):
             async for event in self._events(kind, rid, first, stream, include_usage):
                 yield event
-        finally:
-            # Runs when the client disconnects mid-stream too: cancelling frees the router's sequence.
-            stream.cancel()
 
     async def _events(self, kind: str, rid: str, first: StreamChunk, stream,
                       include_usage: bool) -> AsyncIterator[str]:
@@ -202,8 +225,6 @@ class OpenAIIngress:
                                            chunk=True)
                     body["choices"] = []
                     yield sse(body)
-                async for _ in stream:  # let the router's generator finish and free the sequence itself
-                    pass
                 break
             try:
                 chunk = await stream.__anext__()
@@ -213,22 +234,14 @@ class OpenAIIngress:
 
 
 def deployment_options(config: AppConfig) -> dict[str, dict]:
-    """Serve options of each deployment, computed from the config."""
-    s = config.serve
+    """Serve options of the deployment, computed from the config."""
+    a = config.serve.replica_autoscaling
     return {
-        "OpenAIIngress": {
-            "autoscaling_config": {"min_replicas": s.autoscaling.min_replicas,
-                                   "max_replicas": s.autoscaling.max_replicas,
-                                   "target_ongoing_requests": s.autoscaling.target_ongoing_requests},
-            "max_ongoing_requests": s.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": 0.1},
-        },
-        "SpecRouter": {
-            "autoscaling_config": {"min_replicas": s.replica_autoscaling.min_replicas,
-                                   "max_replicas": s.replica_autoscaling.max_replicas,
-                                   "target_ongoing_requests": s.replica_autoscaling.target_ongoing_requests},
-            # Admission control lives in the router (a JSON 503 naming the limit), so Serve must hand it
-            # every request instead of queueing or dropping them in front of it: slack above its limits.
+        "SpecServer": {
+            "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                   "target_ongoing_requests": a.target_ongoing_requests},
+            # Admission control lives in the core (a JSON 503 naming the limit), so Serve must hand it every
+            # request instead of queueing or dropping them in front of it: slack above its limits.
             "max_ongoing_requests": config.router.max_running_requests + config.router.max_waiting_requests + 64,
             "ray_actor_options": {"num_cpus": 0.1},
             "health_check_period_s": 10,
@@ -242,18 +255,17 @@ def build_app(args: dict | None = None) -> Application:
     check_engine_fits(config.model, config.drafter)
     opts = deployment_options(config)
     log.info("specserve deployment options: %s", opts)
-    router = SpecRouter.options(**opts["SpecRouter"]).bind(config.replica().model_dump(mode="json"))
-    return OpenAIIngress.options(**opts["OpenAIIngress"]).bind(router, config.model_dump(mode="json"))
+    return SpecServer.options(**opts["SpecServer"]).bind(config.model_dump(mode="json"))
 
 
-def wait_until_ready(app_name: str = APP_NAME, timeout_s: float = 300.0) -> None:
-    """Block until the Serve application is RUNNING (or raise with its status message)."""
+def wait_until_ready(app_name: str = APP_NAME, timeout_s: float = 600.0) -> None:
+    """Block until the Serve application is RUNNING and its model replica serves (or raise saying why)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = serve.status().applications.get(app_name)
-        if status and status.status == "RUNNING":
-            return
         if status and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise RuntimeError(f"application {app_name} {status.status}: {status.message}")
+        if status and status.status == "RUNNING" and serve.get_app_handle(app_name).is_ready.remote().result():
+            return
         time.sleep(0.5)
     raise TimeoutError(f"application {app_name} not ready after {timeout_s} s")

@@ -41,19 +41,17 @@ class ServeConfig(StrictModel):
     )
     host: str = Field("127.0.0.1", description="HTTP bind address for `specserve serve`.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port for `specserve serve`.")
-    max_ongoing_requests: int = Field(
-        64, ge=1, le=100000, description="Per-replica limit of in-flight requests; beyond it clients get 503."
-    )
-    autoscaling: AutoscalingConfig = Field(
-        default_factory=AutoscalingConfig, description="Ingress autoscaling."
-    )
     replica_autoscaling: AutoscalingConfig = Field(
         default_factory=lambda: AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=32),
-        description="Autoscaling of model replicas: each SpecRouter replica owns its own draft workers and "
-        "target groups (the topology), so scaling it adds whole copies of the topology.",
+        description="Autoscaling of model replicas: each SpecServer replica answers HTTP and owns its own draft "
+        "workers and target groups (the topology), so scaling it adds whole copies of the topology.",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Context limit (prompt + max_tokens); None: the model's own."
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body in bytes, checked before it is read whole or "
+        "parsed; beyond it 413 JSON. The default holds a context of about a million tokens of text.",
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     speculative: bool = Field(
@@ -66,6 +64,23 @@ class ServeConfig(StrictModel):
         "starts; None: $SPECSERVE_API_KEYS_FILE if set. Keys in $SPECSERVE_API_KEYS are accepted too. No key "
         "anywhere: authentication is off (fine on 127.0.0.1 only). See docs/api.md.",
     )
+
+
+#: Fields of the separate ingress deployment, gone since the model replica answers HTTP itself.
+_REMOVED_SERVE_FIELDS = {
+    "autoscaling": "serve.replica_autoscaling (the HTTP routes live on the model replicas)",
+    "max_ongoing_requests": "router.max_running_requests and router.max_waiting_requests (admission is per model "
+    "replica)",
+}
+
+
+def _refuse_removed_serve_fields(data: Any) -> Any:
+    """A config naming a removed field gets an error that says what replaced it."""
+    serve = data.get("serve") if isinstance(data, dict) else None
+    for name, instead in _REMOVED_SERVE_FIELDS.items():
+        if isinstance(serve, dict) and name in serve:
+            raise ValueError(f"serve.{name} was removed: use {instead}")
+    return data
 
 
 class AppConfig(StrictModel):
@@ -86,6 +101,8 @@ class AppConfig(StrictModel):
             args = {**load_yaml(path), **args}
         return validated(cls, args)  # type: ignore[return-value]
 
+    _removed = model_validator(mode="before")(_refuse_removed_serve_fields)
+
     @model_validator(mode="after")
     def _engine_fits(self) -> AppConfig:
         check_engine_fits(self.model, self.drafter)  # raises SpecServeError naming the field
@@ -93,7 +110,7 @@ class AppConfig(StrictModel):
         return self
 
     def replica(self) -> ReplicaConfig:
-        """What each model replica (SpecRouter) needs from this config."""
+        """What each model replica (SpecServer) needs from this config."""
         return ReplicaConfig(model=self.model, drafter=self.drafter, topology=self.topology, router=self.router,
                              model_name=self.serve.model_name, max_model_len=self.serve.max_model_len)
 

@@ -112,6 +112,43 @@ class ChatCompletionRequest(_Common):
         return super().sampling(default_max_tokens, default_speculative)
 
 
+#: Content types a request body may declare (a missing Content-Type is read as JSON too).
+JSON_CONTENT_TYPES = ("application/json",)
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The request's body, refused (SpecServeError) before parsing when it is too large, cut off or not JSON.
+
+    ``request`` is a Starlette request. The declared length is checked first, then the bytes as they
+    arrive, so an oversized body is never held whole: 413 naming ``serve.max_body_bytes``.
+    """
+    from starlette.requests import ClientDisconnect
+
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype not in JSON_CONTENT_TYPES and not ctype.endswith("+json"):
+        raise SpecServeError(f"Content-Type must be application/json (got {ctype!r})", "Content-Type", status=415)
+    too_large = SpecServeError(f"request body is larger than {max_bytes} bytes (serve.max_body_bytes)", "body",
+                               status=413, code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise SpecServeError(f"Content-Length must be a number of bytes (got {declared!r})", "Content-Length")
+        if int(declared) > max_bytes:
+            raise too_large
+    parts, size = [], 0
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > max_bytes:
+                raise too_large
+            parts.append(part)
+    except ClientDisconnect:
+        raise SpecServeError("request body was cut off before its end", "body") from None
+    if declared is not None and size != int(declared):
+        raise SpecServeError(f"request body has {size} bytes, Content-Length says {declared}", "body")
+    return b"".join(parts)
+
+
 def parse(model_cls: type[_Common], body: bytes) -> _Common:
     """Parse a request body or raise a SpecServeError (400) naming the field."""
     try:

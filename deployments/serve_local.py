@@ -47,7 +47,14 @@ def serve_forever(config_path: str | None, host: str | None = None, port: int | 
         stop.wait()
     except KeyboardInterrupt:
         pass
+    print("specserve: stopping (engines, draft workers, Serve, Ray)", flush=True)
+    # A second signal while shutting down ends the process at once; engine processes left by a stop
+    # this hard end themselves once their replica is gone (actors/vllm_watchdog.py).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    import ray
     from ray import serve
 
-    serve.shutdown()
+    serve.shutdown()  # replicas shut their cores down: engines stopped, draft workers killed
+    ray.shutdown()  # the local Ray this command started
     return 0

@@ -49,7 +49,7 @@ class TargetFailed(SpecServeError):
 class ErrorInfo:
     """An error as data: what the router yields and the HTTP layer renders."""
 
-    status: int  # HTTP status: 400/404 user error, 401 auth, 503 overloaded, 500 server fault
+    status: int  # HTTP status: 400/404/413/415 user error, 401 auth, 503 overloaded or starting, 500 server fault
     message: str  # one sentence naming the parameter and what is allowed
     param: str | None = None  # the offending request field, OpenAI's ``param``
     code: str | None = None  # OpenAI's machine-readable ``code`` (e.g. "model_not_found")
@@ -57,6 +57,6 @@ class ErrorInfo:
     @property
     def type(self) -> str:
         """OpenAI's error ``type`` for this status."""
-        if self.status in (400, 401, 404, 422):
+        if 400 <= self.status < 500:
             return "invalid_request_error"
         return "server_overloaded" if self.status == 503 else "server_error"

@@ -87,7 +87,7 @@ def placement() -> dict:
     """Pids of the draft workers and target ranks, from the router's placement endpoint."""
     from ray import serve
 
-    router = serve.get_deployment_handle("SpecRouter", app_name=APP)
+    router = serve.get_deployment_handle("SpecServer", app_name=APP)
     return router.placement.remote().result(timeout_s=60)
 
 

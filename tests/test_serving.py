@@ -250,7 +250,7 @@ def test_a_killed_draft_worker_does_not_break_in_flight_streams(tiny_app, tiny_t
 
     from deployments.app import APP_NAME
 
-    router = serve.get_deployment_handle("SpecRouter", app_name=APP_NAME)
+    router = serve.get_deployment_handle("SpecServer", app_name=APP_NAME)
     pid = router.placement.remote().result()["draft_workers"][0]["pid"]
     prompt = "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4,"
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "stream": True, "temperature": 0,
