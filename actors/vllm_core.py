@@ -23,12 +23,9 @@ stop strings), and a request whose sequence finished is aborted in vLLM. Per-req
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,7 +38,7 @@ from actors.config import ReplicaConfig
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.streaming import RequestStream
-from actors.vllm_proposer import CONFIG_KEY, PLAIN_PREFIX
+from actors.vllm_proposer import CONFIG_KEY, SPECULATIVE_ARG
 from actors.vllm_watchdog import OWNER_ENV
 from cluster.placement import actor_options
 from specserve.config import SamplingParams, check_engine_fits
@@ -54,6 +51,10 @@ log = logging.getLogger("specserve.vllm_core")
 
 #: The proposer class vLLM loads for remote drafting.
 PROPOSER_CLASS = "actors.vllm_proposer.DraftWorkerProposer"
+#: What vLLM mixes into its worker so that the proposer can be attached and read (``collective_rpc``).
+WORKER_EXTENSION = "actors.vllm_extension.ProposerExtension"
+#: Seconds between reads of the proposer's counters.
+STATS_PERIOD_S = 2.0
 _VLLM_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 
 
@@ -113,7 +114,8 @@ class VllmCore:
         self.worker_info: dict = {}
         self._request_numbers = itertools.count()
         self._failures_seen = 0  # draft worker failures the proposer reported that were counted already
-        self.stats_path = os.path.join(tempfile.gettempdir(), f"specserve-proposer-{uuid.uuid4().hex[:8]}.json")
+        self.proposer_stats: dict = {}  # the proposer's counters, read every STATS_PERIOD_S
+        self._stats_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------------------- startup
 
@@ -151,7 +153,43 @@ class VllmCore:
         # The engine's processes end themselves once this replica is gone, however it dies (actors.vllm_watchdog).
         os.environ[OWNER_ENV] = str(os.getpid())
         for _ in range(cfg.topology.num_target_groups):
-            self.engines.append(AsyncLLM.from_engine_args(args))
+            # Building an engine blocks until its processes have loaded the model: off the event loop, so the
+            # replica answers (readiness 503s) meanwhile. Its output handler starts with the first request.
+            self.engines.append(await asyncio.to_thread(AsyncLLM.from_engine_args, args))
+        if self.proposer_drafting:
+            for engine in self.engines:
+                await self._attach(engine)
+            self._stats_task = asyncio.create_task(self._read_stats())
+
+    async def _attach(self, engine) -> None:
+        """Hand our proposer its model runner through vLLM's worker extension; refuse to serve without it
+        (per-request ``speculative: false`` would be silently ignored)."""
+        attached = await engine.collective_rpc("specserve_attach")
+        if not attached or not attached[0]:
+            engine.shutdown()
+            raise RuntimeError(f"vLLM built no specserve proposer in its output worker (attached: {attached}); "
+                               f"check that speculative_config.method is custom_class with {PROPOSER_CLASS}")
+
+    async def refresh_proposer_stats(self) -> dict:
+        """Read the proposer's counters now (output rank of each engine, summed over engines)."""
+        total: dict = {}
+        for engine in self.engines:
+            if engine.errored:
+                continue
+            ranks = await engine.collective_rpc("specserve_stats")
+            for key, value in (ranks[0] if ranks else {}).items():
+                total[key] = total.get(key, 0) + value
+        self.proposer_stats = total
+        return total
+
+    async def _read_stats(self) -> None:
+        """Keep ``proposer_stats`` current while the engines run."""
+        while self.engines:
+            try:
+                await self.refresh_proposer_stats()
+            except Exception as e:  # an engine going down: its death is reported by healthy()
+                log.debug("proposer stats unavailable: %s", e)
+            await asyncio.sleep(STATS_PERIOD_S)
 
     async def _start_workers(self) -> None:
         cfg = self.config
@@ -187,6 +225,7 @@ class VllmCore:
             gpu_memory_utilization=v.gpu_memory_utilization,
             speculative_config=spec,
             additional_config={CONFIG_KEY: self.proposer_settings()} if self.proposer_drafting else {},
+            worker_extension_cls=WORKER_EXTENSION if self.proposer_drafting else "",
             per_request_spec_decode_metrics="detailed" if spec else "none",
             disable_log_stats=True,
         )
@@ -218,7 +257,6 @@ class VllmCore:
         settings = {
             "drafter": cfg.drafter.model_dump(mode="json"),
             "k_per_batch_size": [list(r) for r in cfg.model.vllm.k_per_batch_size or []],
-            "stats_path": self.stats_path,
         }
         if not self.remote_drafting:  # the local n-gram drafter: free, nothing to overlap
             return {**settings, "local": True, "pipelining": False}
@@ -248,8 +286,6 @@ class VllmCore:
         if len(self.requests) >= limit:
             raise Saturated(f"server is saturated ({limit} requests in flight); retry later")
         seq_id = f"{request_id or 'req'}-{next(self._request_numbers)}"
-        if not params.speculative:
-            seq_id = PLAIN_PREFIX + seq_id  # our proposer drafts nothing for it (vLLM's own methods ignore it)
         engine = min(range(len(self.engines)), key=lambda i: sum(r.engine == i for r in self.requests.values()))
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
         sampling = self.vllm_params(seq)  # refuses what vLLM cannot run before anything starts
@@ -280,7 +316,10 @@ class VllmCore:
         return VllmParams(max_tokens=max(1, min(p.max_tokens, room)), temperature=p.temperature, top_p=p.top_p,
                           top_k=p.top_k, seed=p.seed, ignore_eos=p.ignore_eos,
                           stop_token_ids=[] if p.ignore_eos else sorted(self.info.eos_token_ids),
-                          detokenize=False, output_kind=RequestOutputKind.DELTA)
+                          detokenize=False, output_kind=RequestOutputKind.DELTA,
+                          # Our proposer drafts nothing for a request that turned speculation off (vLLM's own
+                          # methods draft for the whole batch and ignore it).
+                          extra_args={SPECULATIVE_ARG: p.speculative})
 
     async def _decode(self, req: _Request) -> AsyncIterator[StreamChunk]:
         seq = req.seq
@@ -312,7 +351,7 @@ class VllmCore:
             return
         steps = list(zip(metrics.per_step_drafted, metrics.per_step_accepted))
         step_s = e2e_s / max(1, len(steps))
-        proposer = self.drafting_stats()
+        proposer = self.proposer_stats
         # The proposer's mean time per step (draft worker round trip included); 0 for vLLM's own methods.
         draft_s = proposer["wait_s"] / proposer["steps"] if proposer.get("steps") else 0.0
         for drafted, accepted in steps:
@@ -328,7 +367,8 @@ class VllmCore:
         """Live counts, for health checks and leak tests."""
         return {"running": len(self.requests), "waiting": 0, "engine": "vllm",
                 "groups": [{"index": i, "errored": bool(e.errored)} for i, e in enumerate(self.engines)],
-                "draft_workers": len(self.workers), "max_context": self.info.max_context}
+                "draft_workers": len(self.workers), "max_context": self.info.max_context,
+                "proposer": self.proposer_stats}
 
     async def held_sequences(self) -> dict:
         """Requests held here and in every engine (0 when idle); draft workers' history states are
@@ -348,22 +388,13 @@ class VllmCore:
         """False when an engine has died."""
         return bool(self.engines) and not any(e.errored for e in self.engines)
 
-    def drafting_stats(self) -> dict:
-        """The remote proposer's counters (steps, calls, late, failed, pipelined hits, wait seconds),
-        as last written (every few steps); {} before any."""
-        try:
-            with open(self.stats_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
     def shutdown(self) -> None:
         """Stop the engines and every actor this core started."""
+        if self._stats_task is not None:
+            self._stats_task.cancel()
         for e in self.engines:
             e.shutdown()
         self.engines = []
-        with contextlib.suppress(OSError):
-            os.remove(self.stats_path)
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)

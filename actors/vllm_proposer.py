@@ -12,10 +12,10 @@ drafter runs right here instead, with no Ray at all.
   this batch size (``specserve.strategy.VerifyCost``); each row's adaptive k weighs that
   against its running acceptance and drafts nothing where drafting does not pay.
 
-- **Per-request switch.** The hook is not given request ids, so the proposer keeps the model
-  runner that built it (found on the call stack once) and reads the batch's request ids from
-  its input batch: a request whose id starts with ``PLAIN_PREFIX`` (a request with
-  ``"speculative": false``) gets no drafts.
+- **Per-request switch.** The hook is not given request ids; the engine's host attaches the
+  model runner through vLLM's worker extension (``actors.vllm_extension``), and the proposer
+  reads each batch row's request from it: a request whose ``sampling_params.extra_args``
+  say ``SPECULATIVE_ARG: False`` (``"speculative": false``) gets no drafts.
 - **Sticky rows.** A request's history at step t+1 is its history at step t plus the
   accepted drafts plus one sampled token, i.e. plus ``sampled_token_ids[i]``: cutting
   those off finds the row's record from the previous step in one dict lookup. The record
@@ -40,10 +40,7 @@ Only tensor-parallel rank 0 drafts: vLLM takes the drafts of its output rank.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -60,10 +57,8 @@ log = logging.getLogger("specserve.vllm_proposer")
 CONFIG_KEY = "specserve"
 #: A skipped (failed or late) worker is tried again after this many steps.
 REATTACH_EVERY = 8
-#: The counters are written to ``stats_path`` every this many steps.
-STATS_EVERY = 16
-#: Requests whose vLLM request id starts with this decode plainly (``"speculative": false``).
-PLAIN_PREFIX = "plain~"
+#: Key of vLLM's ``SamplingParams.extra_args`` holding a request's ``speculative`` switch.
+SPECULATIVE_ARG = "specserve_speculative"
 
 
 @dataclass
@@ -79,7 +74,6 @@ class ProposerSettings:
     deadline_ms: float = 200.0
     pipelining: bool = True
     k_per_batch_size: list[list[int]] = field(default_factory=list)  # [[lo, hi, k], ...]; empty = no cap
-    stats_path: str | None = None  # where the counters are written every STATS_EVERY steps (JSON)
 
 
 @dataclass
@@ -140,9 +134,7 @@ class DraftWorkerProposer:
                          logging_level=logging.WARNING, log_to_driver=False)
             self.workers = [_Worker(ray.get_actor(name, namespace=self.settings.namespace))
                             for name in self.settings.draft_workers]
-        self.runner = _find_runner()
-        if self.runner is None:
-            log.warning("no vLLM model runner found: per-request 'speculative: false' is ignored")
+        self.runner = None  # vLLM's model runner, attached by the host (actors.vllm_extension)
         self.rows: dict[bytes, _Row] = {}
         self.pipelined: dict[bytes, tuple[object, int]] = {}  # bytes(h + d) -> (ref, index in that call)
         self.step = 0
@@ -208,23 +200,19 @@ class DraftWorkerProposer:
         self._verified_tokens = sum(1 + len(d) for d in drafts) if continuing else 0
         self._returned_at = time.perf_counter()
         self.counts["wait_s"] += self._returned_at - t0
-        if self.settings.stats_path and self.step % STATS_EVERY == 0:
-            self._write_stats()
         return drafts
 
     def _plain_rows(self, batch: int) -> list[bool]:
         """Per row of the batch: True when its request turned speculation off."""
-        try:
-            ids = self.runner.input_batch.req_ids[:batch]  # type: ignore[union-attr]
-        except AttributeError:
+        runner = self.runner
+        if runner is None:  # unattached: only a proposer built by hand (tests); the host refuses to serve so
             return [False] * batch
-        return [bool(r) and r.startswith(PLAIN_PREFIX) for r in ids] + [False] * (batch - len(ids))
-
-    def _write_stats(self) -> None:
-        tmp = f"{self.settings.stats_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.counts, f)
-        os.replace(tmp, self.settings.stats_path)
+        plain = []
+        for req_id in runner.input_batch.req_ids[:batch]:
+            state = runner.requests.get(req_id) if req_id else None
+            extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
+            plain.append(bool(extra) and extra.get(SPECULATIVE_ARG) is False)
+        return plain + [False] * (batch - len(plain))
 
     def _row_for(self, h: np.ndarray, num_sampled: int) -> _Row:
         prev = self.rows.get(h[: len(h) - num_sampled].tobytes())
@@ -310,17 +298,6 @@ class DraftWorkerProposer:
             log.warning("draft worker %d failed (%s); plain decoding for its requests for now", w, type(e).__name__)
         worker.skip_until_step = self.step + REATTACH_EVERY
         return None
-
-
-def _find_runner():
-    """The vLLM model runner that is building this proposer (up the call stack), or None."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        obj = frame.f_locals.get("self")
-        if obj is not None and type(obj).__name__.endswith("ModelRunner"):
-            return obj
-        frame = frame.f_back
-    return None
 
 
 def _is_output_rank() -> bool:

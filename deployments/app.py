@@ -7,6 +7,7 @@ are computed from that config by ``deployment_options`` and logged.
 """
 
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.local import pin_serve_grpc_to_loopback
 from deployments.auth import APIKeyAuth, protect
@@ -32,11 +34,15 @@ from deployments.openai_api import (
     sse,
 )
 from deployments.readiness import RETRY_AFTER_S, Readiness
+from deployments.routing import READY_KEY, STATS_PERIOD_S, ReadyFirstRouter
 from specserve.config import SamplingParams, check_engine_fits
 from specserve.errors import ErrorInfo, SpecServeError
 from specserve.outputs import StreamChunk
 
 log = logging.getLogger("specserve.app")
+
+#: Bodies from this size on are tokenized in a thread (shorter ones cost less than the thread hop).
+LONG_BODY_BYTES = 64 * 1024
 
 #: Serve application name: the RayService's serveConfigV2 and the dashboards' queries use it too.
 APP_NAME = "specserve"
@@ -88,6 +94,10 @@ class SpecServer:
         if self.readiness.ready and not self.core.healthy():
             raise RuntimeError("the model replica's engine or a target group is down")
 
+    def record_routing_stats(self) -> dict:
+        """What Serve's router knows of this replica: whether it serves yet (deployments.routing)."""
+        return {READY_KEY: self.readiness.ready and self.readiness.error is None}
+
     async def is_ready(self) -> bool:
         """True once this replica serves requests (``wait_until_ready`` asks it); raises if the start failed."""
         if self.readiness.error is not None:
@@ -118,8 +128,11 @@ class SpecServer:
         return JSONResponse(error_body(e), status_code=e.status, headers=headers)
 
     def _not_ready(self) -> JSONResponse | None:
-        """503 JSON while the core starts (or after it failed to); None once it serves."""
+        """503 JSON while the core starts, after it failed to, or once its engine died; None while it serves."""
         info = self.readiness.unavailable()
+        if info is None and not self.core.healthy():
+            info = ErrorInfo(503, "the model replica's engine failed; Serve replaces the replica: retry shortly",
+                             code="engine_failed")
         return None if info is None else self._error(info, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @api.get("/health")
@@ -159,7 +172,9 @@ class SpecServer:
                 raise SpecServeError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                      "model", status=404, code="model_not_found")
             params = req.sampling(self.config.serve.default_max_tokens, self.config.serve.speculative)
-            prompt_ids = self._prompt_ids(req, kind)
+            # The engine's outputs are handled on this event loop too: a long prompt is tokenized off it.
+            prompt_ids = (self._prompt_ids(req, kind) if len(body) < LONG_BODY_BYTES
+                          else await asyncio.to_thread(self._prompt_ids, req, kind))
             self.info.check_fits(len(prompt_ids), params.max_tokens, "messages" if kind == "chat" else "prompt")
         except SpecServeError as e:
             return self._error(e.info())
@@ -245,6 +260,9 @@ def deployment_options(config: AppConfig) -> dict[str, dict]:
             "max_ongoing_requests": config.router.max_running_requests + config.router.max_waiting_requests + 64,
             "ray_actor_options": {"num_cpus": 0.1},
             "health_check_period_s": 10,
+            # New replicas (scaled up, or replacing a failed one) get traffic once their engine serves.
+            "request_router_config": RequestRouterConfig(request_router_class=ReadyFirstRouter,
+                                                         request_routing_stats_period_s=STATS_PERIOD_S),
         },
     }
 

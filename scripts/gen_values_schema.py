@@ -42,7 +42,8 @@ QUANTITY = {"anyOf": [{"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|M|G
 LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
 
 
-def _group(worker: bool) -> dict[str, Any]:
+def _group(worker: bool, **extra: Any) -> dict[str, Any]:
+    """One Ray group's values; ``extra`` adds keys only that group has."""
     props: dict[str, Any] = {
         "cpu": QUANTITY, "memory": QUANTITY, "nodeSelector": LABELS, "tolerations": LIST,
         "rayStartParams": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
@@ -50,7 +51,7 @@ def _group(worker: bool) -> dict[str, Any]:
     if worker:
         props |= {"replicas": REPLICAS, "minReplicas": REPLICAS, "maxReplicas": {"type": "integer", "minimum": 1},
                   "rayResource": {"type": "number", "exclusiveMinimum": 0}}
-    return _obj(props, required=["cpu", "memory"])
+    return _obj(props | extra, required=["cpu", "memory"])
 
 
 def chart_schema() -> dict[str, Any]:
@@ -82,7 +83,8 @@ def chart_schema() -> dict[str, Any]:
                                 "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}}),
             "accelerator": _obj({"enabled": BOOL, "resourceName": {"type": "string", "minLength": 1}}),
             "head": _group(worker=False),
-            "draftGroup": _group(worker=True),
+            # GPUs are whole devices in Kubernetes; the draft workers' share of one is specserve's num_gpus.
+            "draftGroup": _group(worker=True, gpus={"type": "integer", "minimum": 1}),
             "targetGroup": _group(worker=True),
             "shmSize": QUANTITY,
             "extraEnv": {"type": "array", "items": {"type": "object", "required": ["name"]}},
@@ -93,6 +95,8 @@ def chart_schema() -> dict[str, Any]:
             "securityContext": _obj({"seccompProfile": _obj(
                 {"type": {"enum": ["RuntimeDefault", "Localhost"]}, "localhostProfile": STR}, required=["type"])}),
             "serveService": _obj({"port": {"type": "integer", "minimum": 1, "maximum": 65535}}),
+            "serveReadiness": _obj({"enabled": BOOL, "periodSeconds": {"type": "integer", "minimum": 1},
+                                    "failureThreshold": {"type": "integer", "minimum": 1}}),
             "ingress": _obj({"enabled": BOOL, "className": STR, "host": STR, "annotations": LABELS,
                              "tlsSecretName": STR}),
             "route": _obj({"enabled": BOOL, "host": STR,

@@ -1,17 +1,23 @@
 """The ``specserve`` command line: generate, bench, serve, and the drafter and ops tools.
 
-User errors print one line naming the flag and what is allowed, and exit with status 2.
+User errors print one line naming the flag and what is allowed, and exit with status 2. Logs (ours,
+vLLM's, Ray's) go to stderr or ``--log-file``, at WARNING unless ``-v`` (INFO) or ``-vv`` (DEBUG); with
+``--json`` stdout holds one JSON document and nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from specserve.errors import SpecServeError
+from specserve.logs import configure_logging, json_stdout, stderr_to
+
+log = logging.getLogger("specserve.cli")
 
 # Config field paths as the CLI spells them, so errors name the flag the user typed.
 FLAG_NAMES = {
@@ -34,7 +40,17 @@ FLAG_NAMES = {
     "drafter.tree.min_path_prob": "--tree-min-prob",
     "out": "--out",
     "mask_token_id": "--mask-token-id",
+    "log_file": "--log-file",
 }
+
+
+def _log_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``-v`` and ``--log-file``. On the subcommands ``defaults`` is False: a flag given there overrides the
+    one given before the subcommand, and one left out does not reset it."""
+    p.add_argument("-v", "--verbose", action="count", default=0 if defaults else argparse.SUPPRESS,
+                   help="more log: -v INFO, -vv DEBUG (default WARNING)")
+    p.add_argument("--log-file", default=None if defaults else argparse.SUPPRESS, metavar="PATH",
+                   help="append every log (ours, vLLM's, Ray's, their child processes') to PATH instead of stderr")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +90,7 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
+    _log_args(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate one completion")
@@ -101,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None)
     s.add_argument("--engine", choices=["hf", "vllm"], default=None, help="target engine (overrides the config)")
 
-    for module in ("specserve.training.cli", "specserve.dashboards", "deployments.bench"):
+    for module in ("specserve.training.cli", "specserve.dashboards", "deployments.bench",
+                   "deployments.bench_agreement", "deployments.bench_pipelining"):
         _add_module_commands(sub, module)
+    for command in sub.choices.values():  # `specserve generate -v ...` as well as `specserve -v generate ...`
+        _log_args(command, defaults=False)
     return parser
 
 
@@ -159,18 +179,25 @@ def _sampling(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate one completion and print it (or one JSON object with --json)."""
+    with (json_stdout() if args.json else nullcontext()) as emit:
+        return _generate(args, emit)
+
+
+def _generate(args: argparse.Namespace, emit) -> int:
+    """``generate``; the JSON document goes to ``emit`` when given (--json), text to stdout otherwise."""
     from specserve.engine import SpecEngine
 
     params = _sampling(args)
     if not args.prompt.strip():
         raise SpecServeError("prompt is empty: pass some text to continue", param="prompt")
     cfg = _engine_config(args, args.drafter or _default_drafter(args.model))
+    log.info("generate: engine %s, model %s, drafter %s", cfg.model.engine, cfg.model.model, cfg.drafter.spec())
     if cfg.model.engine == "vllm":
-        return _generate_vllm(args, cfg, params)
+        return _generate_vllm(args, cfg, params, emit)
     engine = SpecEngine.from_config(cfg)
     result = engine.generate(args.prompt, params, chat=args.chat)
-    if args.json:
-        print(json.dumps(result.to_dict()))
+    if emit:
+        emit(result.to_dict())
     else:
         print(result.text)
         s = result.stats
@@ -179,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_vllm(args: argparse.Namespace, cfg, params) -> int:
+def _generate_vllm(args: argparse.Namespace, cfg, params, emit) -> int:
     """``generate --engine vllm``: one completion through a vLLM engine (remote drafting starts a
     local Ray on 127.0.0.1 for the draft worker)."""
     import asyncio
@@ -211,8 +238,8 @@ def _generate_vllm(args: argparse.Namespace, cfg, params) -> int:
         result = asyncio.run(run())
     finally:
         core.shutdown()
-    if args.json:
-        print(json.dumps(result))
+    if emit:
+        emit(result)
     else:
         print(result["text"])
         print(f"[{len(result['token_ids'])} tokens, {result['tokens_per_s']:.1f} tok/s, engine vllm, drafter "
@@ -270,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    configure_logging(args.verbose)  # before any command imports vllm or ray
     try:
-        return handler(args)
+        # The log file is released before an error is printed: the error line is for the user's terminal.
+        with stderr_to(args.log_file):
+            return handler(args)
     except SpecServeError as e:
         flag = FLAG_NAMES.get(e.param or "", e.param)
         msg = e.message

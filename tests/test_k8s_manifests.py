@@ -7,7 +7,9 @@ import sys
 
 import pytest
 import yaml
-from chart_tools import CHART, ROOT, render, tool, validate
+from chart_tools import CHART, ROOT, pod_templates, render, tool, validate
+
+from deployments.config import AppConfig
 
 
 def _kustomize(path: str) -> list[dict]:
@@ -61,3 +63,13 @@ def test_overlay_objects_validate():
     assert {"RayService", "Route"} <= {o["kind"] for o in objs}
     for obj in objs:
         validate(obj)
+
+
+def test_plain_manifests_serve_engine_vllm_and_gate_worker_readiness_on_health():
+    (rs,) = [o for o in yaml.safe_load_all((ROOT / "k8s/base/rayservice-specserve.yaml").read_text()) if o]
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    args = AppConfig.model_validate(app["args"])
+    assert (args.model.engine, args.drafter.vllm_method) == ("vllm", "local")
+    templates = pod_templates(rs)
+    for group in ("draft", "target"):
+        assert "/health" in templates[group]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"][-1]

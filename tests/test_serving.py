@@ -325,3 +325,86 @@ def test_real_smollm2_greedy_over_http_equals_engine_plain_greedy(ray_serve, rea
     assert resp.choices[0].message.content == expected
     assert resp.model_extra["spec_decode"]["num_drafts"] > 0
     ray_serve.delete("real")
+
+
+def _raw_post(path: str, body: bytes, headers: dict[str, str], send_bytes: int | None = None) -> tuple[int, dict]:
+    """POST over a raw socket (to send what HTTP clients refuse to: lying lengths, cut-off bodies);
+    the status and the JSON body of the answer."""
+    import socket
+
+    head = [f"POST {path} HTTP/1.1", f"Host: {LOOPBACK}:{HTTP_PORT}", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    with socket.create_connection((LOOPBACK, HTTP_PORT), timeout=60) as s:
+        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body[:send_bytes])
+        if send_bytes is not None:
+            s.shutdown(socket.SHUT_WR)  # the rest never comes
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    if b"chunked" in rest.partition(b"\r\n\r\n")[0].lower():  # de-chunk
+        out, buf = b"", payload
+        while buf:
+            size, _, buf = buf.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            out, buf = out + buf[:n], buf[n + 2 :]
+        payload = out
+    return int(status_line.split()[1]), json.loads(payload) if payload else {}
+
+
+def _still_a_request(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("model") == "tiny"
+
+
+def test_malformed_oversized_and_cut_off_bodies_get_4xx_json_and_the_server_keeps_serving(tiny_app):
+    import random
+
+    rng = random.Random(0)
+    good = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 4}).encode()
+    limit = 4 * 1024 * 1024  # serve.max_body_bytes' default
+    cases: list[tuple[str, bytes, dict, int | None]] = [
+        ("50 MB body", b'{"model": "tiny", "prompt": "' + b"a" * 50_000_000 + b'"}', {}, None),
+        ("just over the limit", b" " * (limit + 1), {}, None),
+        ("declared length over the limit", b"{}", {"Content-Length": str(limit + 1)}, None),
+        ("cut off", good, {"Content-Length": str(len(good))}, len(good) // 2),
+        ("form content type", good, {"Content-Type": "application/x-www-form-urlencoded"}, None),
+        ("text content type", good, {"Content-Type": "text/plain"}, None),
+        ("not utf-8", b"\xff\xfe\x00{", {}, None),
+        ("empty", b"", {}, None),
+    ]
+    for i in range(300):  # random mutations of a valid body: truncations, flipped bytes, wrong types
+        mutation = rng.choice(["truncate", "flip", "insert", "type"])
+        body = bytearray(good)
+        if mutation == "truncate":
+            body = body[: rng.randrange(len(body))]
+        elif mutation == "flip":
+            for _ in range(rng.randint(1, 4)):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+        elif mutation == "insert":
+            pos = rng.randrange(len(body))
+            body[pos:pos] = rng.choice([b"{", b"]", b'"', b"\\u12", b",,", b"null", b"-1e999"])
+        else:
+            body = bytearray(json.dumps(rng.choice([[], "x", 1, None, {"model": 1}, {"prompt": {"a": 1}}])).encode())
+        cases.append((f"mutation {i} ({mutation})", bytes(body), {}, None))
+    statuses = {}
+    for name, body, headers, send in cases:
+        if body == good:
+            continue  # a mutation that changed nothing
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}
+        status, answer = _raw_post("/v1/completions", body, headers, send)
+        if status == 200 and send is None and _still_a_request(body):
+            continue  # a mutation that left a valid request (a flipped letter in the prompt)
+        assert 400 <= status < 500, (name, status, answer)
+        assert set(answer["error"]) == {"message", "type", "param", "code"}, (name, answer)
+        statuses[status] = statuses.get(status, 0) + 1
+    assert statuses.get(413, 0) >= 3 and statuses.get(415, 0) == 2 and statuses.get(400, 0) > 200, statuses
+    r = httpx.post(tiny_app + "/v1/completions", content=good, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None

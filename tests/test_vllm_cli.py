@@ -1,9 +1,10 @@
-"""Engine choice on the command line and in config files: bad input gets one line naming the field, exit 2."""
+"""Engine choice on the command line and in config files: bad input gets one line naming the field, exit 2;
+``generate --engine vllm --json`` prints one JSON document and sends vLLM's and Ray's logs to stderr."""
 
 from __future__ import annotations
 
 import pytest
-from cli_helpers import run_cli_here
+from cli_helpers import one_json_document, run_cli, run_cli_here
 
 
 @pytest.mark.parametrize("args, named", [
@@ -73,3 +74,21 @@ def test_bench_serve_refuses_bad_options_in_one_line(args, named):
     out = run_cli_here("bench-serve", "--no-vllm-peers", "--prompts", "prompts/code.jsonl", "--out", "/tmp/never", *args)
     assert out.returncode == 2, out.stderr
     assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# One vLLM start (slow): remote n-gram drafting also starts a local Ray and a draft worker, so the logs of
+# vLLM's engine core child, of Ray and of this process are all in play. -v raises them to INFO.
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.real_model
+def test_generate_json_on_engine_vllm_prints_one_document_and_every_log_on_stderr(default_dir):
+    pytest.importorskip("vllm")
+    out = run_cli("-v", "generate", "--engine", "vllm", "--model", str(default_dir), "--dtype", "fp32",
+                  "--drafter", "ngram", "--max-tokens", "8", "--ignore-eos", "--json", "The days of the week are",
+                  timeout=850)
+    assert out.returncode == 0, out.stderr[-5000:]
+    data = one_json_document(out.stdout)
+    assert data["engine"] == "vllm" and len(data["token_ids"]) == 8
+    assert "INFO specserve.cli: generate: engine vllm" in out.stderr  # ours
+    assert "Started a local Ray instance" in out.stderr  # Ray's driver log at INFO
+    assert "(EngineCore pid=" in out.stderr and "Initializing a V1 LLM engine" in out.stderr  # vLLM's child

@@ -90,7 +90,8 @@ def run_once(loop, config: dict, prompts: list[list[int]], params: SamplingParam
     core = start_core(loop, config)
     try:
         workers = len(core.workers)
-        return run_all(loop, core, prompts, params), core.drafting_stats(), workers
+        results = run_all(loop, core, prompts, params)
+        return results, loop.run_until_complete(core.refresh_proposer_stats()), workers
     finally:
         core.shutdown()
 
@@ -130,7 +131,7 @@ def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts
     assert sum(s["num_drafts"] for s in stats) > 0, "nothing was drafted: the test would not exercise verification"
     assert sum(s["num_accepted_tokens"] for s in stats) > 0
     assert all(last.usage.completion_tokens == len(tokens) for tokens, last in results)
-    assert ngram_core.drafting_stats().get("failed", 0) == 0
+    assert loop.run_until_complete(ngram_core.refresh_proposer_stats()).get("failed", 0) == 0
 
 
 def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference):

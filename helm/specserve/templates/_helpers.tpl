@@ -102,6 +102,9 @@ spec:
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- if and (ne .component "head") $v.serveReadiness.enabled }}
+      {{- include "specserve.serveReadinessProbe" $root | nindent 6 }}
+      {{- end }}
       resources:
         {{- $res := dict "cpu" (toString .group.cpu) "memory" (toString .group.memory) }}
         {{- if gt (int .gpus) 0 }}
@@ -154,6 +157,33 @@ spec:
           - key: {{ $v.auth.secretKey }}
             path: api-keys
     {{- end }}
+{{- end -}}
+
+{{/*
+Readiness of a worker pod for Serve traffic (serveReadiness). KubeRay's own probe for RayService workers asks
+the node's Serve proxy (`/-/healthz`: "success" while it runs and is not draining); this one asks that too and
+then the app's `/health`, which answers 503 until the model replicas can serve. wget is in the Ray image
+(KubeRay's probes use it too); each call gets 3 s, the probe 8 s.
+*/}}
+{{- define "specserve.serveReadinessProbe" -}}
+{{- $v := .Values -}}
+{{- $base := printf "http://localhost:%v" $v.serveService.port -}}
+readinessProbe:
+  exec:
+    command:
+      - bash
+      - -c
+      - {{ printf "wget --tries 1 -T 3 -q -O- %s/-/healthz | grep -q success && wget --tries 1 -T 3 -q -O /dev/null %s%s" $base $base (include "specserve.healthPath" .) | quote }}
+  initialDelaySeconds: 10
+  periodSeconds: {{ $v.serveReadiness.periodSeconds }}
+  timeoutSeconds: 8
+  successThreshold: 1
+  failureThreshold: {{ $v.serveReadiness.failureThreshold }}
+{{- end -}}
+
+{{/* The app's readiness route (`/health` in deployments/app.py); open without an API key. */}}
+{{- define "specserve.healthPath" -}}
+/health
 {{- end -}}
 
 {{/* Where the API key Secret is mounted, and the key file the server reads (SPECSERVE_API_KEYS_FILE). */}}
