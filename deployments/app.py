@@ -166,7 +166,7 @@ class SpecServer:
         if (busy := self._not_ready()) is not None:
             return busy
         try:
-            body = await read_body(request, self.config.serve.max_body_bytes)
+            body = await read_body(request, self.config.serve.max_body_bytes, self.config.serve.body_timeout_s)
             req = parse(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
             if req.model != self.model_name:
                 raise SpecServeError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",

@@ -53,6 +53,10 @@ class ServeConfig(StrictModel):
         4 * 1024 * 1024, ge=1024, description="Largest request body in bytes, checked before it is read whole or "
         "parsed; beyond it 413 JSON. The default holds a context of about a million tokens of text.",
     )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest pause while a request body arrives before its declared end; "
+        "beyond it 400 JSON (a client that stalls or lied about Content-Length is not waited for).",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     speculative: bool = Field(
         True, description="Default of the per-request 'speculative' extension: false makes requests that do not "

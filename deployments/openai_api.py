@@ -6,6 +6,7 @@ Errors are :class:`specserve.errors.SpecServeError` (with their HTTP status) eve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -112,15 +113,19 @@ class ChatCompletionRequest(_Common):
         return super().sampling(default_max_tokens, default_speculative)
 
 
+#: An oversized body up to this size is read to its end (and dropped) before the 413 answer.
+DRAIN_MAX_BYTES = 256 * 1024 * 1024
+
 #: Content types a request body may declare (a missing Content-Type is read as JSON too).
 JSON_CONTENT_TYPES = ("application/json",)
 
 
-async def read_body(request, max_bytes: int) -> bytes:
+async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
     """The request's body, refused (SpecServeError) before parsing when it is too large, cut off or not JSON.
 
     ``request`` is a Starlette request. The declared length is checked first, then the bytes as they
-    arrive, so an oversized body is never held whole: 413 naming ``serve.max_body_bytes``.
+    arrive, so an oversized body is never held whole: 413 naming ``serve.max_body_bytes``. A body that
+    stops arriving for ``timeout_s`` before its declared end is answered 400 instead of waited for.
     """
     from starlette.requests import ClientDisconnect
 
@@ -133,20 +138,40 @@ async def read_body(request, max_bytes: int) -> bytes:
     if declared is not None:
         if not declared.isdigit():
             raise SpecServeError(f"Content-Length must be a number of bytes (got {declared!r})", "Content-Length")
-        if int(declared) > max_bytes:
-            raise too_large
+        if int(declared) > DRAIN_MAX_BYTES:
+            raise too_large  # not worth reading: the client may see its connection reset under the answer
     parts, size = [], 0
+    stream = _with_timeout(request.stream(), timeout_s)
     try:
-        async for part in request.stream():
+        async for part in stream:
             size += len(part)
             if size > max_bytes:
+                # Read the rest and drop it, so that the answer is not lost to a connection reset by the bytes
+                # the client is still sending (Serve's proxy has asked for them already).
+                async for rest in stream:
+                    size += len(rest)
+                    if size > DRAIN_MAX_BYTES:
+                        break
                 raise too_large
             parts.append(part)
     except ClientDisconnect:
         raise SpecServeError("request body was cut off before its end", "body") from None
+    except TimeoutError:
+        raise SpecServeError(f"request body stopped arriving: {size} bytes of {declared or 'an unknown length'} came, "
+                             f"then nothing for {timeout_s:g} s (serve.body_timeout_s)", "body") from None
     if declared is not None and size != int(declared):
         raise SpecServeError(f"request body has {size} bytes, Content-Length says {declared}", "body")
     return b"".join(parts)
+
+
+async def _with_timeout(parts, timeout_s: float):
+    """The async iterator's items, raising TimeoutError when one takes longer than ``timeout_s``."""
+    it = aiter(parts)
+    while True:
+        try:
+            yield await asyncio.wait_for(anext(it), timeout_s)
+        except StopAsyncIteration:
+            return
 
 
 def parse(model_cls: type[_Common], body: bytes) -> _Common:
