@@ -64,7 +64,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _drafter_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
     p.add_argument("--drafter", action="append" if multiple else "store", default=None,
-                   help="none | ngram | draft_model:PATH | block[:CHECKPOINT] | hybrid[:CHECKPOINT] (default: the project's default)"
+                   help="none | ngram | suffix | draft_model:PATH | block[:CHECKPOINT] | hybrid[:CHECKPOINT] (default: the project's default)"
                    + (" (repeatable)" if multiple else ""))
     p.add_argument("--k", type=int, default=None, help="draft tokens per block (num_speculative_tokens)")
     p.add_argument("--no-adaptive", action="store_true", help="fixed k instead of adaptive k")

@@ -1,13 +1,33 @@
-"""The benchmark runner: interleaved baseline and drafters, results.json and the plot."""
+"""The benchmarks: the in-process runner (interleaved baseline and drafters, results.json and the
+plot), and bench-serve's pieces: the closed-loop client and its metrics, the leftover-process
+finder, server clean-up and the CPU profile, run against real processes and a real HTTP server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
 
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cluster.processes import end_processes, find_leftovers, is_alive, read_process, role_of
+from deployments.bench_load import RequestRecord, requests_per_run, run_closed_loop, summarize
+from deployments.bench_profile import CLIENT, CpuProfile
+from deployments.bench_report import markdown_table, profile_table
+from deployments.bench_servers import Server, check_leftovers
 from specserve.bench import BenchSpec, run_bench
 from specserve.config import DrafterConfig, SamplingParams
 from specserve.drafters import make_drafter
 from specserve.engine import SpecEngine
+from specserve.errors import SpecServeError
 
 
 def test_bench_writes_results_and_plot_with_exact_outputs(tiny_target, tmp_path):
@@ -27,3 +47,268 @@ def test_bench_writes_results_and_plot_with_exact_outputs(tiny_target, tmp_path)
         assert row["runs"]["none"]["speedup"] == 1.0
     assert results["overall"]["ngram"]["prompts"] == 2
     assert (tmp_path / "speedup.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------ bench-serve pieces
+# The client talks to a minimal OpenAI-style SSE server on 127.0.0.1 that streams one token per word
+# of the prompt (a prompt "fail" is answered with a 503) and counts the requests in flight.
+
+#: Titles of the test's stand-in engine processes: recognisable as this test's, matched as engines.
+ENGINE_TITLE = f"VLLM::EngineCore-specserve-test-{os.getpid()}"
+WORKER_TITLE = f"VLLM::Worker-specserve-test-{os.getpid()}"
+
+
+def _sse_app(state: SimpleNamespace) -> FastAPI:
+    app = FastAPI()
+
+    def chunk(choices: list, usage: dict | None = None) -> str:
+        body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "bench", "choices": choices,
+                "usage": usage}
+        return f"data: {json.dumps(body)}\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        state.prompts.append(prompt)
+        if prompt == "fail":
+            return JSONResponse({"error": {"message": "busy", "type": "overloaded"}}, status_code=503)
+        words = prompt.split()[: body["max_tokens"]]
+
+        async def events():
+            state.in_flight += 1
+            state.peak = max(state.peak, state.in_flight)
+            try:
+                for word in words:
+                    await asyncio.sleep(0.003)
+                    yield chunk([{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}])
+                yield chunk([], {"prompt_tokens": 1, "completion_tokens": len(words), "total_tokens": len(words) + 1})
+                yield "data: [DONE]\n\n"
+            finally:
+                state.in_flight -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def sse_server():
+    """(port, state) of the SSE server running in a thread; ``state.prompts`` lists what it was sent."""
+    import uvicorn
+
+    state = SimpleNamespace(prompts=[], in_flight=0, peak=0)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(_sse_app(state), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield sock.getsockname()[1], state
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def fresh(sse_server):
+    port, state = sse_server
+    state.prompts.clear()
+    state.peak = 0
+    return port, state
+
+
+PROMPTS = ["one two three", "a b c d e f g", "x", "to be or not to be", "the quick brown fox jumps"]
+
+
+def test_closed_loop_keeps_c_requests_in_flight_for_the_waves_taking_prompts_in_turn(fresh):
+    port, state = fresh
+    n = requests_per_run(3, waves=3, prompts=len(PROMPTS))
+    records, wall = run_closed_loop(port, PROMPTS, 16, concurrency=3, requests=n)
+    assert n == 9 and len(records) == 9 and wall > 0
+    assert sorted(state.prompts) == sorted(PROMPTS[i % 5] for i in range(9))  # each prompt, then around again
+    assert state.peak == 3  # a closed loop: never more than c in flight, and c at once
+    for r in records:
+        assert r.error is None and r.tokens == len(PROMPTS[r.prompt_index].split())
+        assert 0 < r.ttft_s <= r.latency_s
+
+
+def test_closed_loop_sends_every_prompt_once_even_when_the_waves_are_fewer(fresh):
+    port, state = fresh
+    assert requests_per_run(1, waves=3, prompts=len(PROMPTS)) == 5
+    records, _ = run_closed_loop(port, PROMPTS, 16, concurrency=1, requests=5)
+    assert state.prompts == PROMPTS and state.peak == 1
+    assert [r.prompt_index for r in records] == [0, 1, 2, 3, 4]
+
+
+def test_failed_requests_are_counted_and_left_out_of_the_percentiles(fresh):
+    port, _ = fresh
+    records, wall = run_closed_loop(port, ["fail", "one two three"], 16, concurrency=2, requests=4)
+    row = summarize(records, wall, 2)
+    assert row["requests"] == 4 and row["failed"] == 2 and row["tokens"] == 6
+    assert "503" in row["errors"][0] or "InternalServerError" in row["errors"][0]
+    assert row["ttft_p50_ms"] is not None and len(row["request_records"]) == 4
+
+
+def test_tpot_excludes_the_first_token_and_one_token_requests():
+    assert RequestRecord(0, tokens=5, ttft_s=0.1, latency_s=0.5).tpot_s == pytest.approx(0.1)
+    assert RequestRecord(0, tokens=1, ttft_s=0.1, latency_s=0.1).tpot_s is None
+    assert RequestRecord(0, tokens=5, ttft_s=0.1, latency_s=0.5, error="x").tpot_s is None
+    records = [RequestRecord(0, 5, 0.1, 0.5), RequestRecord(1, 3, 0.2, 0.4), RequestRecord(2, 1, 0.3, 0.3)]
+    row = summarize(records, 2.0, 3)
+    assert row["tokens_per_s"] == pytest.approx(9 / 2.0)
+    assert row["ttft_p50_ms"] == pytest.approx(200) and row["ttft_p99_ms"] == pytest.approx(298)  # linear
+    assert row["tpot_p50_ms"] == pytest.approx(100) and row["tpot_p99_ms"] == pytest.approx(100)
+
+
+@pytest.mark.vllm
+def test_metrics_on_recorded_requests_equal_vllm_bench_serves(fresh):
+    serve = pytest.importorskip("vllm.benchmarks.serve")
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+
+    port, _ = fresh
+    records, wall = run_closed_loop(port, PROMPTS + ["fail"], 16, concurrency=3, requests=12)
+    row = summarize(records, wall, 3)
+    outputs = [RequestFuncOutput(success=r.error is None, latency=r.latency_s or 0.0, output_tokens=r.tokens,
+                                 ttft=r.ttft_s or 0.0) for r in records]
+    metrics, _ = serve.calculate_metrics([], outputs, wall, None, [50, 99], {})
+    assert row["tokens_per_s"] == pytest.approx(metrics.output_throughput)
+    assert [row["ttft_p50_ms"], row["ttft_p99_ms"]] == pytest.approx([v for _, v in metrics.percentiles_ttft_ms])
+    assert [row["tpot_p50_ms"], row["tpot_p99_ms"]] == pytest.approx([v for _, v in metrics.percentiles_tpot_ms])
+    assert row["failed"] == len(records) - metrics.completed == 2
+
+
+def _start_orphan(title: str) -> int:
+    """A process titled ``title`` that no one here is the parent of (as a hard-stopped server leaves)."""
+    code = ("import os\npid = os.fork()\nif pid:\n    print(pid, flush=True)\n    os._exit(0)\nos.setsid()\n"
+            "null = os.open(os.devnull, os.O_RDWR)\nfor fd in (0, 1, 2):\n    os.dup2(null, fd)\n"
+            f"os.execv('/bin/sleep', [{title!r}, '60'])\n")
+    pid = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    while (proc := read_process(pid)) is None or not proc.title.startswith(title):  # until exec has happened
+        time.sleep(0.01)
+    return pid
+
+
+def test_leftover_finder_finds_an_orphaned_engine_and_not_after_it_is_ended():
+    pid = _start_orphan(ENGINE_TITLE)
+    try:
+        found = {p.pid: p for p in find_leftovers()}
+        assert pid in found and role_of(found[pid]) == "VLLM::EngineCore"
+        with pytest.raises(SpecServeError) as refused:  # refuses, naming it; never ends other runs' processes here
+            check_leftovers(kill=False, allow=False)
+        assert f"{pid} VLLM::EngineCore" in refused.value.message and "--kill-leftovers" in refused.value.message
+        assert any(str(pid) in w for w in check_leftovers(kill=False, allow=True))
+        assert end_processes([found[pid]]) == []
+        assert pid not in {p.pid for p in find_leftovers()}
+    finally:
+        if (proc := read_process(pid)) and proc.title.startswith(ENGINE_TITLE):
+            os.kill(pid, 9)
+
+
+def test_leftover_finder_skips_this_runs_own_processes():
+    child = subprocess.Popen([ENGINE_TITLE, "60"], executable="/bin/sleep")
+    try:
+        while (proc := read_process(child.pid)) is None or not proc.title.startswith(ENGINE_TITLE):
+            time.sleep(0.01)
+        assert child.pid not in {p.pid for p in find_leftovers()}
+    finally:
+        child.kill()
+        child.wait()
+
+
+#: A stand-in server: starts an engine child, says ready, and on SIGTERM ends that child and exits.
+#: Stubborn, the child ignores SIGTERM and outlives its parent (what a hard-stopped server leaves).
+SERVER = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.argv[1], "-c", "import signal, sys, time\\n"
+                          "if sys.argv[1] == 'stubborn': signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+                          "print('up', flush=True)\\ntime.sleep(60)", sys.argv[2]],
+                         executable=sys.executable, stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+def stop(*_):
+    child.terminate()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("child", ["clean", "stubborn"])
+def test_a_stopped_server_leaves_no_process_behind(tmp_path, child):
+    log = tmp_path / "server.log"
+    server = Server("stand-in", [sys.executable, "-c", SERVER, ENGINE_TITLE, child], log,
+                    lambda: "ready" in log.read_text())
+    server.wait_ready(timeout_s=60)
+    engine = next(p for p in server.seen.values() if p.title.startswith(ENGINE_TITLE))
+    warnings = server.stop(timeout_s=2)
+    assert not is_alive(engine) and server.proc.returncode is not None
+    if child == "clean":
+        assert warnings == []
+    else:  # ended by pid after the bounded wait, and the results say so
+        assert len(warnings) == 1 and f"{engine.pid} VLLM::EngineCore" in warnings[0]
+
+
+def test_cpu_profile_charges_a_server_process_by_role_with_its_cores():
+    burn = ("import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\nt0 = time.process_time()\n"
+            "while time.process_time() - t0 < 0.4:\n    pass\nprint('done', flush=True)\ntime.sleep(60)\n")
+    worker = subprocess.Popen([WORKER_TITLE, "-c", burn], executable=sys.executable, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        worker.stdout.readline()
+        with CpuProfile(worker.pid, interval_s=0.05) as profile:
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+            worker.stdout.readline()
+        cpu = profile.result(tokens=2000)
+    finally:
+        worker.kill()
+        worker.wait()
+    row = cpu["VLLM::Worker"]
+    assert row["pids"] == [worker.pid]
+    assert row["cpu_s"] == pytest.approx(0.4, abs=0.1)  # CPU it burnt inside the window, in 10 ms ticks
+    assert row["cpu_s_per_1k_tokens"] == pytest.approx(row["cpu_s"] / 2)
+    assert sum(row["cores"].values()) == pytest.approx(1.0) and row["cpus_allowed"]
+    assert CLIENT in cpu
+
+
+def _bench_serve_args(*extra: str):
+    import argparse
+
+    from deployments.bench import add_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    return sub.choices["bench-serve"].parse_args(["--prompts", "sharegpt:1", "--out", "unused", *extra])
+
+
+def test_bench_serve_peers_are_vllm_serve_and_ray_serve_llm_plain_and_ngram():
+    from deployments.bench import build_targets
+
+    args = _bench_serve_args("--no-default", "--only-default", "--ray-serve-llm-peers", "--peer-k", "4", "8")
+    targets = build_targets(args)
+    assert [(t.label, t.kind) for t in targets] == [
+        ("`vllm serve` plain", "vllm"), ("`vllm serve` ngram k=4", "vllm"), ("`vllm serve` ngram k=8", "vllm"),
+        ("Ray Serve LLM plain", "ray-llm"), ("Ray Serve LLM ngram k=4", "ray-llm"),
+        ("Ray Serve LLM ngram k=8", "ray-llm")]
+    assert targets[4].peer_spec == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+                                    "prompt_lookup_min": 1}
+    only_ours = build_targets(_bench_serve_args("--only-default", "--no-vllm-peers", "--no-ray-serve-llm-peers"))
+    assert [t.kind for t in only_ours] == ["app"]
+    assert _bench_serve_args().concurrency == [1, 4, 16, 64] and _bench_serve_args().waves == 3
+
+
+def test_tables_give_ratios_to_the_vllm_serve_peers_and_cpu_per_1k_tokens_by_role(fresh):
+    port, _ = fresh
+    with CpuProfile(os.getpid(), interval_s=0.05) as profile:  # the client profiled as its own server
+        records, wall = run_closed_loop(port, PROMPTS, 16, concurrency=2, requests=4)
+    row = summarize(records, wall, 2)
+    row["cpu"] = profile.result(row["tokens"])
+    slower = {**row, "tokens_per_s": row["tokens_per_s"] / 2}
+    results = {"references": ["`vllm serve` plain"], "warnings": ["measured beside 1 engine/Ray process"],
+               "served": {"`vllm serve` plain": [row], "ours": [slower]}}
+    table = markdown_table(results)
+    assert "### 2 streams" in table and "> warning: measured beside" in table
+    assert f"| ours | {slower['tokens_per_s']:.1f} | 0.50 | " in table
+    assert f"| `vllm serve` plain | {row['tokens_per_s']:.1f} | 1.00 | " in table
+    assert "| bench client | " in profile_table(results) and "**server + client**" in profile_table(results)

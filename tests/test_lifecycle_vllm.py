@@ -26,9 +26,10 @@ import uuid
 
 import httpx
 import pytest
+from serve_helpers import free_port
 
 from cluster.local import LOOPBACK
-from tests.serve_helpers import free_port
+from cluster.processes import Proc, find_by_env, wait_gone
 
 pytestmark = [pytest.mark.ray, pytest.mark.real_model, pytest.mark.vllm]
 
@@ -38,42 +39,18 @@ MODEL = "smollm2-135m-instruct"
 START_S, RECOVER_S, EXIT_S = 600, 300, 30
 
 
-def tagged(tag: str) -> dict[int, str]:
-    """pid -> title of every process whose environment carries this server's tag."""
-    needle = f"{TAG_KEY}={tag}".encode()
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                found[int(pid)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-    return found
+def tagged(tag: str) -> dict[int, Proc]:
+    """Every process whose environment carries this server's tag, by pid."""
+    return {p.pid: p for p in find_by_env(TAG_KEY, tag)}
 
 
-def titled(tag: str, prefix: str) -> dict[int, str]:
-    return {pid: title for pid, title in tagged(tag).items() if title.startswith(prefix)}
+def titled(tag: str, prefix: str) -> dict[int, Proc]:
+    return {pid: p for pid, p in tagged(tag).items() if p.title.startswith(prefix)}
 
 
-def wait_gone(pids, timeout_s: float) -> set[int]:
-    """The pids still alive (zombies count as gone) after waiting up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if _alive(p)}
-        time.sleep(0.2)
-    return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+def alive_after(procs, timeout_s: float) -> list[Proc]:
+    """The processes still running (zombies count as gone) after waiting up to ``timeout_s``."""
+    return wait_gone(list(procs.values()), timeout_s)
 
 
 def wait_health(base: str, timeout_s: float) -> tuple[list[dict], float]:
@@ -177,7 +154,7 @@ def test_killing_the_engine_core_under_load_ends_every_stream_and_serve_replaces
         if r["error"]:
             assert r["error"].get("code") != "dropped", r["error"]
     assert any(r["error"] for r in results), "the kill did not touch any stream"
-    assert not wait_gone(workers, EXIT_S), "vLLM workers outlived their engine core"
+    assert not alive_after(workers, EXIT_S), "vLLM workers outlived their engine core"
     # The dead engine's replica answers 503 until Serve replaces it; then requests succeed again.
     deadline = time.monotonic() + RECOVER_S
     while time.monotonic() < deadline:
@@ -200,7 +177,7 @@ def test_a_sigkilled_replica_leaves_no_engine_process_and_is_replaced(server):
     assert len(replica) == 1 and engine
     t_kill = time.monotonic()
     os.kill(next(iter(replica)), signal.SIGKILL)
-    assert not wait_gone(engine, EXIT_S), f"engine processes outlived their replica: {engine}"
+    assert not alive_after(engine, EXIT_S), f"engine processes outlived their replica: {engine}"
     wait_health(base, RECOVER_S)
     assert chat(base, "Say hello.").status_code == 200
     print(f"\nreplica SIGKILLed: its engine processes ended, a new replica served after "
@@ -211,18 +188,18 @@ def test_a_hard_stop_leaves_no_process_of_the_app(server):
     proc, tag = server["proc"], server["tag"]
     assert chat(server["base"], "Say hello.").status_code == 200
     before = tagged(tag)
-    assert any(t.startswith("VLLM::") for t in before.values())
+    assert any(p.title.startswith("VLLM::") for p in before.values())
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=3)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     # `ray stop --force`, for this server's Ray only (other Rays on the machine are not ours to stop).
-    for pid, title in tagged(tag).items():
-        if not title.startswith("VLLM::"):
+    for pid, p in tagged(tag).items():
+        if not p.title.startswith("VLLM::"):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-    survivors = wait_gone(tagged(tag), EXIT_S)
-    assert not survivors, {p: before.get(p, "?") for p in survivors}
+    survivors = alive_after(tagged(tag), EXIT_S)
+    assert not survivors, [p.title for p in survivors]

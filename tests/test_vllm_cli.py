@@ -46,7 +46,8 @@ def test_bench_serve_measures_as_default_what_serve_runs():
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_parser(sub)
-    args = sub.choices["bench-serve"].parse_args(["--prompts", "sharegpt:1", "--out", "unused", "--only-default"])
+    args = sub.choices["bench-serve"].parse_args(["--prompts", "sharegpt:1", "--out", "unused", "--only-default",
+                                                  "--no-ray-serve-llm-peers"])
     default, *peers = build_targets(args)
     assert default.label == "default (make serve)"
     served = apply_serve_defaults({"model": {"model": "default", "dtype": "auto"}})
