@@ -21,8 +21,8 @@ DEFAULT_MODEL = "default"
 #: Largest block a drafter may propose; beyond this verification cost grows faster than acceptance.
 MAX_SPECULATIVE_TOKENS = 64
 
-DrafterKind = Literal["none", "ngram", "draft_model", "block", "hybrid"]
-DRAFTER_KINDS: tuple[str, ...] = ("none", "ngram", "draft_model", "block", "hybrid")
+DrafterKind = Literal["none", "ngram", "suffix", "draft_model", "block", "hybrid"]
+DRAFTER_KINDS: tuple[str, ...] = ("none", "ngram", "suffix", "draft_model", "block", "hybrid")
 
 
 class StrictModel(BaseModel):
@@ -178,6 +178,7 @@ class DrafterConfig(StrictModel):
     kind: DrafterKind = Field(
         "ngram",
         description="Drafter: 'none' (plain decoding, the baseline), 'ngram' (prompt lookup, no model), "
+        "'suffix' (suffix tries over this request and earlier requests' outputs, frequency-scored; no model), "
         "'draft_model' (a small HF causal LM with the target's tokenizer), 'block' (trained parallel "
         "block drafter conditioned on target hidden states), 'hybrid' (n-gram lookup where the context "
         "matches, the block drafter elsewhere, chosen per step from expected accepted lengths).",
@@ -201,6 +202,50 @@ class DrafterConfig(StrictModel):
     )
     ngram_min: int = Field(1, ge=1, le=16, description="Shortest suffix n-gram the ngram drafter matches.")
     ngram_max: int = Field(4, ge=1, le=16, description="Longest suffix n-gram the ngram drafter tries first.")
+    suffix_max_depth: int = Field(
+        48, ge=4, le=256,
+        description="suffix drafter: longest token string its tries index, which bounds a match plus the draft "
+        "below it (longer matches draft from a shorter suffix of the same match).",
+    )
+    suffix_min_match: int = Field(
+        2, ge=1, le=64,
+        description="suffix drafter: fewest context tokens that must match earlier requests' text before it drafts "
+        "from the cross-request cache.",
+    )
+    suffix_spec_factor: float = Field(
+        2.0, gt=0.0, le=64.0,
+        description="suffix drafter: draft tokens per token matched in the cross-request cache (long matches draft "
+        "long; k caps it).",
+    )
+    suffix_own_min_match: int = Field(
+        1, ge=1, le=64,
+        description="suffix drafter: fewest context tokens that must match earlier in the request's own text before "
+        "it drafts from there.",
+    )
+    suffix_own_spec_factor: float = Field(
+        8.0, gt=0.0, le=64.0,
+        description="suffix drafter: draft tokens per token matched in the request's own text (8: up to k from one "
+        "token, as prompt lookup drafts; own text is grounded: edits and quotes repeat it at length).",
+    )
+    suffix_min_prob: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="suffix drafter: no draft path whose frequency-estimated probability is below this.",
+    )
+    suffix_cache_requests: int = Field(
+        1000, ge=0, le=10_000_000,
+        description="suffix drafter: most finished requests in the cross-request cache (one per model replica); the "
+        "oldest leave first; 0 = no cross-request cache.",
+    )
+    suffix_cache_tokens: int = Field(
+        100_000, ge=1, le=1_000_000_000,
+        description="suffix drafter: most tokens in the cross-request cache (the oldest requests leave first); "
+        "~0.9 KB of memory per token measured on chat responses (100k tokens: ~90 MB).",
+    )
+    suffix_cache_prompts: bool = Field(
+        False,
+        description="suffix drafter: cache finished requests' prompts with their outputs (repeated system prompts "
+        "and documents; more memory per request).",
+    )
     verify_cost_per_token: float = Field(
         0.03,
         ge=0.0,
@@ -318,14 +363,14 @@ def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
 
 
 def parse_drafter(spec: str, **overrides: object) -> DrafterConfig:
-    """Parse ``none | ngram | draft_model:PATH | block[:PATH] | hybrid[:PATH]`` into a DrafterConfig.
+    """Parse ``none | ngram | suffix | draft_model:PATH | block[:PATH] | hybrid[:PATH]`` into a DrafterConfig.
 
     Raises SpecServeError naming ``--drafter`` and the allowed kinds on a bad spec.
     """
     kind, _, path = spec.partition(":")
     if kind not in DRAFTER_KINDS:
         raise SpecServeError(
-            f"unknown drafter {kind!r}; allowed: none, ngram, draft_model:PATH, block[:CHECKPOINT], "
+            f"unknown drafter {kind!r}; allowed: none, ngram, suffix, draft_model:PATH, block[:CHECKPOINT], "
             "hybrid[:CHECKPOINT]",
             param="drafter",
         )

@@ -28,6 +28,14 @@ def make_drafter(cfg: DrafterConfig, target: LoadedModel) -> Drafter:
         from specserve.drafters.ngram import NgramDrafter
 
         return NgramDrafter(cfg.ngram_min, cfg.ngram_max)
+    if cfg.kind == "suffix":
+        from specserve.drafters.suffix import SuffixDrafter
+
+        return SuffixDrafter(max_depth=cfg.suffix_max_depth, min_match=cfg.suffix_min_match,
+                             spec_factor=cfg.suffix_spec_factor, own_min_match=cfg.suffix_own_min_match,
+                             own_spec_factor=cfg.suffix_own_spec_factor, min_prob=cfg.suffix_min_prob,
+                             cache_requests=cfg.suffix_cache_requests, cache_tokens=cfg.suffix_cache_tokens,
+                             cache_prompts=cfg.suffix_cache_prompts)
     if cfg.kind == "draft_model":
         from specserve.drafters.draft_model import DraftModelDrafter
 
