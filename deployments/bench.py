@@ -10,8 +10,9 @@ plain and with n-gram speculation. Our app and Ray Serve LLM each get a Ray of t
 At each concurrency c, c clients of the official ``openai`` client send streaming requests back
 to back for ``--waves`` full waves (``deployments.bench_load``), reporting tok/s and TTFT and
 TPOT p50/p99 as ``vllm bench serve`` defines them, and where the CPU went by process role
-(``deployments.bench_profile``). Writes results.json, table.md, profile.md and serving.png
-(``deployments.bench_report``).
+(``deployments.bench_profile``). With ``--warm-prompts``, every server first answers those prompts
+through the same API, untimed, so that drafters that learn across requests are measured warm.
+Writes results.json, table.md, profile.md and serving.png (``deployments.bench_report``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from tqdm import tqdm
 
 from cluster.local import LOOPBACK
 from deployments import bench_report
-from deployments.bench_load import SERVED_NAME, requests_per_run, run_closed_loop, summarize
+from deployments.bench_load import (
+    SERVED_NAME,
+    WARM_STREAMS,
+    requests_per_run,
+    run_closed_loop,
+    send_warm_prompts,
+    summarize,
+)
 from deployments.bench_profile import CpuProfile
 from deployments.bench_servers import Server, check_leftovers, start_hosted, start_vllm_serve
 from specserve.config import apply_serve_defaults
@@ -191,23 +199,29 @@ def proposer_stats(port: int) -> dict | None:
     return status.get("proposer") if isinstance(status, dict) else None
 
 
-def measure_server(target: Target, prompts: list[str], args, model_dir: str, dtype: str,
-                   out: Path) -> tuple[list[dict] | None, dict | None, list[str]]:
-    """Check for leftovers, start the server, measure it, stop it and check nothing is left:
-    (rows, proposer statistics or None, warnings). A server that does not come up is a warning
-    and no rows: one peer failing to start must not cost a long run the others."""
+def measure_server(target: Target, prompts: list[str], args, model_dir: str, dtype: str, out: Path,
+                   warm_prompts: list[str] | None = None
+                   ) -> tuple[list[dict] | None, dict | None, dict | None, list[str]]:
+    """Check for leftovers, start the server, send it the warm prompts, measure it, stop it and check
+    nothing is left: (rows, proposer statistics or None, warm-up or None, warnings). A server that does
+    not come up is a warning and no rows: one peer failing to start must not cost a long run the others."""
     warnings = check_leftovers(args.kill_leftovers, args.allow_leftovers)
     server = start_server(target, args, model_dir, dtype, out)
-    rows = stats = None
+    rows = stats = warm = None
     try:
         if _wait_ready(server, warnings):
+            if warm_prompts:
+                warm = send_warm_prompts(args.port, warm_prompts, args.max_tokens, desc=f"{target.label} warm-up")
+                if warm["failed"]:
+                    warnings.append(f"{target.label}: {warm['failed']} of {warm['requests']} warm-up requests "
+                                    f"failed: {warm['errors'][0]}")
             rows = measure(target.label, server, prompts, args)
             stats = proposer_stats(args.port) if target.kind == "app" else None
     finally:
         warnings += server.stop()
     for w in warnings:
         tqdm.write(f"warning: {w}")
-    return rows, stats, warnings
+    return rows, stats, warm, warnings
 
 
 def _wait_ready(server: Server, warnings: list[str]) -> bool:
@@ -220,10 +234,13 @@ def _wait_ready(server: Server, warnings: list[str]) -> bool:
     return True
 
 
-def in_process_baseline(targets: list[Target], encoded: list[list[int]], args, model: dict) -> dict:
-    """The in-process hf engine on the same prompts one at a time: tok/s per drafter."""
+def in_process_baseline(targets: list[Target], encoded: list[list[int]], args, model: dict,
+                        warm: list[list[int]] | None = None) -> dict:
+    """The in-process hf engine on the same prompts one at a time: tok/s per drafter (each drafter
+    having first decoded the warm prompts, as its server did)."""
     import torch
 
+    from specserve.bench import decode_warm_prompts
     from specserve.config import DrafterConfig, EngineConfig, ModelConfig, SamplingParams
     from specserve.engine import SpecEngine
 
@@ -237,11 +254,12 @@ def in_process_baseline(targets: list[Target], encoded: list[list[int]], args, m
         if not t.app_args or t.app_args.get("model", {}).get("engine") != "hf":
             continue
         eng = engine.with_drafter(DrafterConfig.model_validate(t.drafter))
+        warm_up = decode_warm_prompts(eng, warm or [], params, desc=f"in-process {t.label} warm-up")
         t0, tokens = time.perf_counter(), 0
         for ids in tqdm(encoded, desc=f"in-process {t.label}"):
             tokens += len(eng.generate(ids, params).token_ids)
         seconds = time.perf_counter() - t0
-        out[t.label] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        out[t.label] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "warm_up": warm_up}
     return out
 
 
@@ -272,6 +290,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = [p["prompt"] for source in args.prompts for p in load_prompts(source)[: args.limit]]
+    warm_prompts = [p["prompt"] for source in args.warm_prompts for p in load_prompts(source, "--warm-prompts")]
     model = {"model": args.model, "dtype": args.dtype}
     info = ModelInfo.load(ModelConfig(**model))
     targets = build_targets(args)
@@ -279,22 +298,29 @@ def run(args) -> int:
         str(resolve_dtype(args.dtype, "cpu"))]
     results: dict = {"config": {"model": model, "max_tokens": args.max_tokens, "prompts": len(prompts),
                                 "concurrency": args.concurrency, "waves": args.waves, "k": args.k,
-                                "peer_k": args.peer_k, "command": " ".join(sys.argv)},
+                                "peer_k": args.peer_k, "warm_prompts": len(warm_prompts),
+                                "warm_prompt_sources": args.warm_prompts, "warm_streams": WARM_STREAMS,
+                                "command": " ".join(sys.argv)},
                      "references": [VLLM_PLAIN, f"`vllm serve` ngram k={args.peer_k[0]}"] if args.vllm_peers else [],
-                     "served": {}, "rounds": {t.label: [] for t in targets}, "proposer": {}, "warnings": []}
+                     "served": {}, "rounds": {t.label: [] for t in targets}, "proposer": {}, "warm_up": {},
+                     "warnings": []}
     if args.in_process:
         encoded = [info.encode(p, chat=True) for p in prompts]
-        results["in_process"] = in_process_baseline(targets, encoded, args, model)
+        warm = [info.encode(p, chat=True) for p in warm_prompts]
+        results["in_process"] = in_process_baseline(targets, encoded, args, model, warm)
     with tqdm(total=args.rounds * len(targets), desc="servers") as progress:
         for rnd in range(args.rounds):
             # Every other round in reverse order: a machine whose speed drifts during the run favours no one.
             for target in targets if rnd % 2 == 0 else targets[::-1]:
                 progress.set_postfix_str(target.label)
-                rows, stats, warnings = measure_server(target, prompts, args, info.path, dtype, out)
+                rows, stats, warm, warnings = measure_server(target, prompts, args, info.path, dtype, out,
+                                                             warm_prompts)
                 # Leftovers seen before every server are one warning, not one per server.
                 results["warnings"] = list(dict.fromkeys(results["warnings"] + warnings))
                 if stats:
                     results["proposer"][target.label] = stats
+                if warm:  # one entry per round: every round starts the server afresh
+                    results["warm_up"].setdefault(target.label, []).append(warm)
                 if rows is not None:
                     results["rounds"][target.label].append(rows)
                     results["served"][target.label] = median_rows(results["rounds"][target.label])
@@ -329,6 +355,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-adaptive", action="store_true", help="fixed k instead of adaptive k")
     p.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per source")
+    p.add_argument("--warm-prompts", action="append", default=[], metavar="SPEC",
+                   help="FILE.jsonl, sharegpt:N or sharegpt-train:N (repeatable; --limit does not apply): sent "
+                   f"untimed through the chat API ({WARM_STREAMS} streams) to every server, ours and the peers, "
+                   "once it is ready and before its timed waves, to fill cross-request caches (suffix); "
+                   "default none")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--waves", type=int, default=3,

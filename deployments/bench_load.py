@@ -21,6 +21,8 @@ from cluster.local import LOOPBACK
 
 #: Model name every server under test answers to.
 SERVED_NAME = "bench"
+#: Streams that send the warm prompts: enough to finish soon, few enough not to time out a slow server.
+WARM_STREAMS = 4
 
 
 @dataclass
@@ -99,6 +101,16 @@ def run_closed_loop(port: int, prompts: list[str], max_tokens: int, concurrency:
     """``closed_loop`` against ``http://127.0.0.1:PORT/v1`` from synchronous code."""
     return asyncio.run(closed_loop(f"http://{LOOPBACK}:{port}/v1", prompts, max_tokens, concurrency, requests,
                                    desc))
+
+
+def send_warm_prompts(port: int, prompts: list[str], max_tokens: int, desc: str | None = None) -> dict:
+    """Send every prompt once through the server's chat API, ``WARM_STREAMS`` at a time, untimed by the
+    benchmark: a server whose drafter learns across requests (a suffix cache) then meets the timed waves
+    warm. Returns requests, failed, output tokens, seconds and the first errors."""
+    records, wall = run_closed_loop(port, prompts, max_tokens, min(WARM_STREAMS, len(prompts)), len(prompts), desc)
+    ok = [r for r in records if r.error is None]
+    return {"requests": len(records), "failed": len(records) - len(ok), "tokens": sum(r.tokens for r in ok),
+            "seconds": wall, "errors": sorted({r.error for r in records if r.error})[:5]}
 
 
 def requests_per_run(concurrency: int, waves: int, prompts: int) -> int:

@@ -30,7 +30,7 @@ def markdown_table(results: dict) -> str:
     """One table per concurrency, one row per server: tok/s, ratios to the reference peers
     (``results['references']``), TTFT and TPOT p50/p99 in ms, failed requests."""
     refs = results.get("references", [])
-    lines = _warnings(results)
+    lines = _warnings(results) + _warm_up(results)
     for conc in _concurrencies(results):
         at = {name: next((r for r in rows if r["concurrency"] == conc), None)
               for name, rows in results["served"].items()}
@@ -47,6 +47,23 @@ def markdown_table(results: dict) -> str:
                          f"{_num(row['tpot_p99_ms'])} | {row['failed']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _warm_up(results: dict) -> list[str]:
+    """What every server answered, untimed, before its timed waves (nothing without ``--warm-prompts``)."""
+    warm = results.get("warm_up")
+    if not warm:
+        return []
+    cfg = results["config"]
+    lines = [f"Warm-up, untimed, once each server was ready and before its timed waves: {cfg['warm_prompts']} "
+             f"prompts ({', '.join(cfg['warm_prompt_sources'])}) through the same API, {cfg['warm_streams']} "
+             f"streams, max_tokens {cfg['max_tokens']} (one figure per round):", "",
+             "| server | warm-up requests | failed | output tokens | seconds |", "|---|---|---|---|---|"]
+    for name, rounds in warm.items():
+        cells = " | ".join(" / ".join(format(r[key], fmt) for r in rounds)
+                           for key, fmt in (("requests", "d"), ("failed", "d"), ("tokens", "d"), ("seconds", ".0f")))
+        lines.append(f"| {name} | {cells} |")
+    return lines + [""]
 
 
 def _ratio(row: dict, ref: dict | None) -> str:

@@ -4,6 +4,10 @@ For every prompt the baseline (drafter 'none') and each chosen drafter run back 
 (interleaved, so drift in machine speed hits both alike), optionally followed by peers
 (transformers' ``generate`` with and without prompt lookup). Writes ``results.json``
 and ``speedup.png``.
+
+Warm prompts, when given, are decoded untimed by every drafter before the timed prompts, each
+drafter on its own instance with the benchmark's sampling settings: a drafter that learns across
+requests (the suffix drafter's global cache) is then measured warm, as on a server that has run a while.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +38,7 @@ class BenchSpec:
     chat: bool
     peers: bool = True
     prompt_lookup_num_tokens: int = 10
+    warm_prompts: list[dict] = field(default_factory=list)  # decoded untimed by every drafter first
 
 
 def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir: Path) -> dict:
@@ -42,15 +47,19 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
     baseline = engine.with_drafter(DrafterConfig(kind="none", num_speculative_tokens=0))
     engines = {BASELINE: baseline} | {method_name(d): engine.with_drafter(d) for d in spec.drafters}
     methods = list(engines) + (list(PEERS) if spec.peers else [])
-    encoded = []
-    for rec in prompts:
-        ids = engine.info.encode(rec["prompt"], chat=spec.chat)
-        engine.info.check_fits(len(ids))
-        encoded.append(ids)
-    # Warm every method up on the first prompt: a method's first pass builds kernels for its shapes
-    # (trees' 4D masks, wide passes), which cost seconds once and would land on the first prompt.
+    encoded, warm = _encode(engine, prompts, spec.chat), _encode(engine, spec.warm_prompts, spec.chat)
+    # Drafters decode the warm prompts, which also builds their kernels. The others (plain decoding, the
+    # peers: nothing to learn across requests) and every method when there are none warm up on the first
+    # prompt: a method's first pass builds kernels for its shapes (trees' 4D masks, wide passes), which cost
+    # seconds once and would land on the first prompt.
+    warmed = [name for name in engines if name != BASELINE] if warm else []
+    warm_up = {"prompts": len(warm), "prompt_tokens": sum(map(len, warm)),
+               "methods": {name: decode_warm_prompts(engines[name], warm, spec.params, desc=f"warm-up {name}")
+                           for name in warmed}}
     short = spec.params.model_copy(update={"max_tokens": 8})
     for name in methods:
+        if name in warmed:
+            continue
         if name in engines:
             engines[name].generate(encoded[0], short)
         else:
@@ -95,6 +104,7 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
             "drafters": [d.model_dump() for d in spec.drafters],
             "threads": torch.get_num_threads(),
         },
+        "warm_up": warm_up,
         "methods": methods,
         "overall": summarize(rows, methods),
         "by_set": {s: summarize([r for r in rows if r["set"] == s], methods)
@@ -105,6 +115,40 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
     plot(results, out_dir / "speedup.png")
     plot_acceptance(results, out_dir / "acceptance.png")
     return results
+
+
+def _encode(engine: SpecEngine, prompts: list[dict], chat: bool) -> list[list[int]]:
+    """Prompt records as token ids, each checked to fit the context."""
+    encoded = []
+    for rec in prompts:
+        ids = engine.info.encode(rec["prompt"], chat=chat)
+        engine.info.check_fits(len(ids))
+        encoded.append(ids)
+    return encoded
+
+
+def decode_warm_prompts(engine: SpecEngine, warm: list[list[int]], params: SamplingParams,
+                        desc: str | None = None) -> dict:
+    """Decode the encoded prompts ``warm`` on ``engine`` one after another, untimed by the benchmark, so that
+    its drafter's cross-request state (the suffix drafter's global cache) holds their outputs.
+
+    Returns what was decoded: prompts, output tokens and the seconds it took.
+    """
+    t0, tokens = time.perf_counter(), 0
+    for ids in tqdm(warm, desc=desc, unit="prompt", leave=False, disable=desc is None):
+        tokens += len(engine.generate(ids, params).token_ids)
+    return {"prompts": len(warm), "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def warm_up_line(results: dict) -> str:
+    """One line saying what the drafters decoded before the timed prompts ('' when nothing)."""
+    warm = results.get("warm_up") or {}
+    if not warm.get("prompts"):
+        return ""
+    tokens = ", ".join(f"{name} {w['tokens']:,}" for name, w in warm["methods"].items()) or "none"
+    return (f"Warm-up, untimed, before the timed prompts: {warm['prompts']} prompts ({warm['prompt_tokens']:,} prompt "
+            f"tokens) decoded by every drafter; output tokens: {tokens}. Plain decoding and the peers keep nothing "
+            "across requests and were not warmed.")
 
 
 def _run_peer(engine: SpecEngine, ids: list[int], spec: BenchSpec, name: str) -> dict:
@@ -208,7 +252,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown_table(results: dict) -> str:
-    """The overall and per-set summary as a markdown table (for docs/benchmarks.md)."""
+    """The overall and per-set summary as a markdown table (for docs/benchmarks.md), and below it what the
+    drafters decoded before the timed prompts, if anything."""
     lines = ["| prompts | method | tokens/s | speedup vs plain | median per-prompt speedup | min | mean accepted length "
              "| output = plain |", "|---|---|---|---|---|---|---|---|"]
     for set_name, summary in {**results["by_set"], "all": results["overall"]}.items():
@@ -216,7 +261,7 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {set_name} ({m['prompts']}) | {method} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x "
                          f"| {m['median_speedup']:.2f}x | {m['min_speedup']:.2f}x | {m['mean_accepted_length']:.2f} "
                          f"| {m['matches_baseline']:.0%} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"\n{line}"] if (line := warm_up_line(results)) else []))
 
 
 def plot_acceptance(results: dict, path: Path) -> None:

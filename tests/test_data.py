@@ -1,4 +1,4 @@
-"""Prompt sources: the truncated ShareGPT file, the held-out split, JSON-lines files."""
+"""Prompt sources: the truncated ShareGPT file, the held-out and train splits, JSON-lines files."""
 
 from __future__ import annotations
 
@@ -40,6 +40,29 @@ def test_sharegpt_prompts_source(tmp_path):
     assert len(prompts) == 5 and all(p["prompt"].strip() for p in prompts)
     with pytest.raises(SpecServeError):
         load_prompts("sharegpt:zero")
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_sharegpt_train_prompts_are_train_first_turns_and_never_a_held_out_prompt():
+    train = load_prompts("sharegpt-train:100000")  # every usable one
+    held = load_prompts("sharegpt:100000")
+    assert len(train) > 7000 and len(held) > 800
+    assert all(int(p["id"].rsplit("-", 1)[1]) % 10 != 0 and p["set"] == "sharegpt-train" for p in train)
+    assert not {_normalized(p["prompt"]) for p in train} & {_normalized(p["prompt"]) for p in held}
+    # ShareGPT repeats conversations under other indices: by index alone the splits would share prompts.
+    repeated = {_normalized(turns[0]["content"]) for _, turns in sharegpt_conversations("train")}
+    assert repeated & {_normalized(p["prompt"]) for p in held}
+    assert load_prompts("sharegpt-train:5") == train[:5]
+
+
+@pytest.mark.parametrize("source", ["sharegpt-train:0", "sharegpt-train:x", "sharegpt-train:", "nothing-here.jsonl"])
+def test_prompt_source_errors_name_the_flag_they_came_from(source):
+    with pytest.raises(SpecServeError) as e:
+        load_prompts(source, "--warm-prompts")
+    assert e.value.param == "--warm-prompts" and e.value.message.startswith("--warm-prompts ")
 
 
 def test_jsonl_prompt_file_errors_name_the_line(tmp_path):
