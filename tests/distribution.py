@@ -6,6 +6,7 @@ import torch
 
 from specserve.config import SamplingParams
 from specserve.sampling import logits_to_probs
+from specserve.stats import SpecStats
 
 
 def onehot_logits(ids: list[int], vocab: int = 8) -> torch.Tensor:
@@ -53,16 +54,32 @@ def shifted(expected: dict[tuple, float], mass: float) -> dict[tuple, float]:
     return out
 
 
-def sample_outcomes(engine, prompt_ids: list[int], params: SamplingParams, n: int) -> tuple[dict[tuple, int], int]:
-    """Generate ``n`` seeded continuations with ``engine``: counts per outcome and draft tokens proposed."""
+def sample_outcomes(engine, prompt_ids: list[int], params: SamplingParams,
+                    n: int) -> tuple[dict[tuple, int], SpecStats]:
+    """Generate ``n`` seeded continuations with ``engine``: counts per outcome and the summed statistics.
+
+    A distribution test means something only if the drafter proposed and verification accepted some of
+    it (``stats.num_draft_tokens``, ``stats.num_accepted_tokens``): otherwise only plain sampling ran.
+    """
     counts: dict[tuple, int] = {}
-    drafted = 0
+    stats = SpecStats()
     for seed in range(n):
         result = engine.generate(prompt_ids, params.model_copy(update={"seed": seed}))
         key = tuple(result.token_ids)
         counts[key] = counts.get(key, 0) + 1
-        drafted += result.stats.num_draft_tokens
-    return counts, drafted
+        stats.merge(result.stats)
+    return counts, stats
+
+
+def assert_drafts_accepted_and_rejected(stats: SpecStats) -> None:
+    """Fail unless the drafter proposed and verification accepted some draft tokens and rejected others.
+
+    A drafter that proposes nothing, or only tokens the target never samples, passes a distribution test
+    without exercising the acceptance test at all.
+    """
+    assert stats.num_draft_tokens > 0, "the drafter never proposed: only plain sampling ran"
+    assert stats.num_accepted_tokens > 0, f"none of {stats.num_draft_tokens} draft tokens was accepted"
+    assert stats.num_accepted_tokens < stats.num_draft_tokens, "every draft token was accepted: no rejection ran"
 
 
 #: The cell that pools every outcome outside the few likeliest ones (:func:`top_two_token_distribution`).

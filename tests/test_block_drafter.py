@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distribution import chi_square_p_value, sample_outcomes, shifted, two_token_distribution
+from distribution import (
+    assert_drafts_accepted_and_rejected,
+    chi_square_p_value,
+    sample_outcomes,
+    shifted,
+    two_token_distribution,
+)
 
 from specserve.config import DrafterConfig, ModelConfig, SamplingParams
 from specserve.drafters import make_drafter
@@ -77,15 +83,41 @@ def test_block_drafter_accepting_everything_keeps_its_context_in_step(tiny_targe
     assert result.stats.mean_accepted_length == 5.0
 
 
-def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_target, random_drafter):
+def steer_towards_target(monkeypatch, drafter: BlockDrafter, target) -> None:
+    """Make ``drafter`` draft from the target's own next-token logits, halved, 3rd and 4th likeliest swapped.
+
+    A random drafter never proposes the tiny target's likely tokens, so every draft token would be
+    rejected and a distribution test would never run the acceptance branch. The steered q overlaps the
+    target's p without equalling it: drafts are accepted and rejected. q depends only on the committed
+    tokens (the same at every block position), so it is a valid proposal; the network's own pass still
+    runs, with its bookkeeping check, and the drafter's sampling code is unchanged.
+    """
+    original = drafter._block_logits
+
+    def steered(state, seq_id, token_ids, k):
+        logits = original(state, seq_id, token_ids, k)  # [k, draft vocab]
+        wanted = target.model(torch.tensor([token_ids])).logits[0, -1]  # [vocab]
+        if drafter.model.draft_vocab is not None:
+            wanted = wanted[drafter.model.draft_vocab]  # [draft vocab]
+        wanted = wanted / 2
+        third, fourth = torch.topk(wanted, 4).indices[2:].tolist()
+        wanted[[third, fourth]] = wanted[[fourth, third]]
+        return wanted.to(logits.dtype).expand_as(logits).clone()
+
+    monkeypatch.setattr(drafter, "_block_logits", steered)
+
+
+def test_sampling_with_block_drafter_preserves_the_target_distribution(tiny_target, random_drafter, monkeypatch):
     prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
     params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
     expected = two_token_distribution(tiny_target, prompt_ids, params)
     assert len(expected) == 9
     n = 1500
+    steer_towards_target(monkeypatch, random_drafter, tiny_target)
     engine = block_engine(tiny_target, random_drafter, 4)
-    counts, _ = sample_outcomes(engine, prompt_ids, params, n)
+    counts, stats = sample_outcomes(engine, prompt_ids, params, n)
     assert engine.drafter.states == {}
+    assert_drafts_accepted_and_rejected(stats)
     assert chi_square_p_value(counts, expected, n) > 1e-3
     # The same counts reject a distribution that moves 7% of the mass between the two likeliest
     # outcomes: the experiment is large enough to see a bias of that size.
@@ -137,15 +169,18 @@ def tiny_target_features(target, drafter: BlockDrafter, ids: list[int]) -> torch
         verifier.free("f")
 
 
-def test_sampling_with_block_drafter_trees_preserves_the_target_distribution(tiny_target, random_drafter):
+def test_sampling_with_block_drafter_trees_preserves_the_target_distribution(tiny_target, random_drafter,
+                                                                             monkeypatch):
     prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
     params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
     expected = two_token_distribution(tiny_target, prompt_ids, params)
     n = 1500
+    steer_towards_target(monkeypatch, random_drafter, tiny_target)
     engine = block_tree_engine(tiny_target, random_drafter, 2, nodes=6)
     nodes_before = engine.drafter.num_nodes
-    counts, _ = sample_outcomes(engine, prompt_ids, params, n)
+    counts, stats = sample_outcomes(engine, prompt_ids, params, n)
     assert engine.drafter.num_nodes - nodes_before > n, "the trees must branch for the test to mean anything"
+    assert_drafts_accepted_and_rejected(stats)
     assert chi_square_p_value(counts, expected, n) > 1e-3
     assert chi_square_p_value(counts, shifted(expected, 0.07), n) < 1e-3
 
@@ -185,7 +220,8 @@ def test_trimmed_vocabulary_drafts_only_its_tokens_and_greedy_stays_exact(tiny_t
 
 
 @pytest.mark.timeout(2400)  # 1500 generations: slow when other suites share the 2 cores
-def test_sampling_with_trimmed_vocabulary_preserves_the_target_distribution(tiny_target, trimmed_drafter):
+def test_sampling_with_trimmed_vocabulary_preserves_the_target_distribution(tiny_target, trimmed_drafter,
+                                                                            monkeypatch):
     prompt_ids = tiny_target.tokenizer.encode(PROMPTS[2])
     params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
     expected = two_token_distribution(tiny_target, prompt_ids, params)
@@ -198,9 +234,12 @@ def test_sampling_with_trimmed_vocabulary_preserves_the_target_distribution(tiny
     outside[block.model.draft_vocab] = False
     assert float(q[:, outside].abs().sum()) == 0.0 and torch.allclose(q.sum(1), torch.ones(2))
     n = 1500
+    steer_towards_target(monkeypatch, block, tiny_target)
     engine = block_engine(tiny_target, block, 4)
-    counts, _ = sample_outcomes(engine, prompt_ids, params, n)
+    counts, stats = sample_outcomes(engine, prompt_ids, params, n)
+    assert_drafts_accepted_and_rejected(stats)
     assert chi_square_p_value(counts, expected, n) > 1e-3
+    assert chi_square_p_value(counts, shifted(expected, 0.07), n) < 1e-3
 
 
 def test_trimmed_checkpoint_keeps_its_vocabulary_exactly(tiny_target, trimmed_drafter, tmp_path):

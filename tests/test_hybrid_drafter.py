@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distribution import chi_square_p_value, sample_outcomes, two_token_distribution
+from distribution import (
+    assert_drafts_accepted_and_rejected,
+    chi_square_p_value,
+    sample_outcomes,
+    shifted,
+    two_token_distribution,
+)
 
 from specserve.config import DrafterConfig, SamplingParams, parse_drafter
 from specserve.drafters import make_drafter
@@ -66,15 +72,22 @@ def test_commit_scores_the_source_that_drafted(tiny_target, hybrid):
     hybrid.finish("s")
 
 
+# With max_tokens=2 the only draft is proposed from the prompt: the last "Hello" has an earlier match, so every
+# draft is the n-gram source's (block drafts are sampled by the block drafter's own code, whose distribution
+# tests are in test_block_drafter.py).
 @pytest.mark.timeout(2400)  # 1500 generations: slow when other suites share the 2 cores
 def test_sampling_with_hybrid_drafter_preserves_the_target_distribution(tiny_target, hybrid):
-    prompt_ids = tiny_target.tokenizer.encode("Hello Hello Hello")  # n-gram matches and block drafts both occur
+    prompt_ids = tiny_target.tokenizer.encode("Hello Hello Hello")
     params = SamplingParams(max_tokens=2, temperature=2.0, top_k=3, ignore_eos=True)
     expected = two_token_distribution(tiny_target, prompt_ids, params)
     n = 1500
     eng = engine(tiny_target, hybrid, 2)
-    counts, _ = sample_outcomes(eng, prompt_ids, params, n)
+    before = dict(hybrid.counts)
+    counts, stats = sample_outcomes(eng, prompt_ids, params, n)
+    assert {s: hybrid.counts[s] - before[s] for s in before} == {"ngram": n, "block": 0}
+    assert_drafts_accepted_and_rejected(stats)
     assert chi_square_p_value(counts, expected, n) > 1e-3
+    assert chi_square_p_value(counts, shifted(expected, 0.07), n) < 1e-3
 
 
 def test_hybrid_is_built_from_its_spec(tiny_target, hybrid, tmp_path):
