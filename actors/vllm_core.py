@@ -38,7 +38,7 @@ from actors.config import ReplicaConfig
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.streaming import RequestStream
-from actors.vllm_proposer import CONFIG_KEY, SPECULATIVE_ARG
+from actors.vllm_proposer import CONFIG_KEY, SPECULATIVE_ARG, TENANT_ARG
 from actors.vllm_watchdog import OWNER_ENV
 from cluster.placement import actor_options
 from specserve.config import SamplingParams, check_engine_fits
@@ -319,7 +319,8 @@ class VllmCore:
                           detokenize=False, output_kind=RequestOutputKind.DELTA,
                           # Our proposer drafts nothing for a request that turned speculation off (vLLM's own
                           # methods draft for the whole batch and ignore it).
-                          extra_args={SPECULATIVE_ARG: p.speculative})
+                          extra_args={SPECULATIVE_ARG: p.speculative,
+                                      **({TENANT_ARG: p.cache_tenant} if p.cache_tenant else {})})
 
     async def _decode(self, req: _Request) -> AsyncIterator[StreamChunk]:
         seq = req.seq

@@ -4,8 +4,10 @@ vLLM builds this class inside its worker process (``speculative_config={"method"
 "custom_class", "model": "actors.vllm_proposer.DraftWorkerProposer", ...}``) and calls
 ``propose`` after every step with the token history of each running request: token ids
 only. The whole batch goes to the draft workers in one call per worker;
-with ``local`` settings (``drafter.vllm_method = "local"``, a free n-gram drafter) the
-drafter runs right here instead, with no Ray at all.
+with ``local`` settings (``drafter.vllm_method = "local"``, a model-free n-gram or suffix
+drafter) the drafter runs right here instead, with no Ray at all, its state keyed by vLLM's
+request ids (started with the prompt, ended when vLLM drops the request; a request's
+``TENANT_ARG`` picks the suffix drafter's per-tenant cache).
 
 - **Measured cost, adaptive k.** The time from returning drafts to the next call is vLLM's
   step over the tokens it verified, so the proposer fits what one more draft token costs at
@@ -22,10 +24,11 @@ drafter runs right here instead, with no Ray at all.
   keeps its draft worker (so the worker's history-keyed state, a draft model's KV cache,
   is reused) and its adaptive k (``specserve.strategy``), learned from how much of the
   previous draft the new history accepted.
-- **Load-aware k.** ``k_per_batch_size`` caps k by the running batch size (the same
-  schedule is vLLM's ``num_speculative_tokens_per_batch_size``, so its scheduler sizes the
-  verification to it): with large batches verification of rejected tokens costs real
-  throughput, and k = 0 is plain decoding.
+- **Load-aware k.** The measured cost is fitted over passes of every batch size, so adaptive
+  k drafts less as the batch grows and a verified token costs more. ``k_per_batch_size``
+  (optional) adds a fixed cap by running batch size (the same schedule is vLLM's
+  ``num_speculative_tokens_per_batch_size``, so its scheduler sizes the verification to it);
+  k = 0 is plain decoding.
 - **Pipelining.** After returning drafts d for history h, the worker is already asked for
   k + 1 tokens after h + d, assuming full acceptance; vLLM verifies d meanwhile. If the
   next history is h + d + [x] and that block starts with x, its rest is the next draft
@@ -59,6 +62,9 @@ CONFIG_KEY = "specserve"
 REATTACH_EVERY = 8
 #: Key of vLLM's ``SamplingParams.extra_args`` holding a request's ``speculative`` switch.
 SPECULATIVE_ARG = "specserve_speculative"
+#: Key of ``SamplingParams.extra_args`` naming a request's tenant (its API key's digest) when cross-request
+#: caches are kept per tenant.
+TENANT_ARG = "specserve_tenant"
 
 
 @dataclass
@@ -77,6 +83,16 @@ class ProposerSettings:
 
 
 @dataclass
+class _RowRequest:
+    """A batch row's request as vLLM's runner holds it."""
+
+    req_id: str
+    prompt_len: int
+    tenant: str | None  # the cross-request cache it may read and feed (None: the replica's shared one)
+    plain: bool  # the request turned speculation off
+
+
+@dataclass
 class _Row:
     """One running request as the proposer knows it, keyed by its history."""
 
@@ -87,17 +103,51 @@ class _Row:
 
 
 class LocalDrafter:
-    """A drafter in the proposer's own process, answering the draft worker's batch call at once."""
+    """A model-free drafter (n-gram, suffix) in the proposer's own process, answering at once.
+
+    With the model runner attached, drafter state is keyed by vLLM's request ids: a request's state
+    starts with its prompt, and ends as soon as vLLM drops the request (a suffix drafter's output then
+    joins its cross-request cache at once). Without a runner (a proposer built by hand) it is keyed by
+    token history, as on a draft worker.
+    """
 
     def __init__(self, cfg: DrafterConfig):
         from specserve.drafters import make_drafter
         from specserve.drafters.history import HistoryDrafter
 
-        self.history = HistoryDrafter(make_drafter(cfg, None))  # type: ignore[arg-type]
+        self.drafter = make_drafter(cfg, None)  # type: ignore[arg-type]
+        self.history = HistoryDrafter(self.drafter)
+        self.started: set[str] = set()  # request ids with drafter state
 
     def propose_batch(self, histories: list[list[int]], k: int | list[int]) -> list[list[int]]:
         """Greedy drafts of up to ``k`` tokens after each history (as ``DraftWorker.propose_batch``)."""
         return self.history.propose_batch(histories, k)
+
+    def propose_requests(self, requests: list[tuple[str, int, str | None]], histories: list[list[int]],
+                         ks: list[int]) -> list[list[int]]:
+        """Drafts for rows known by request: ``(request id, prompt length, tenant)`` per history."""
+        from specserve.drafters.history import GREEDY
+
+        out = []
+        for (req_id, prompt_len, tenant), history, k in zip(requests, histories, ks):
+            if req_id not in self.started:
+                params = GREEDY.model_copy(update={"cache_tenant": tenant}) if tenant else GREEDY
+                self.drafter.start(req_id, history[:prompt_len], params)
+                self.started.add(req_id)
+            self.drafter.commit(req_id, history)
+            out.append([int(t) for t in self.drafter.propose(req_id, history, k).token_ids] if k > 0 else [])
+        return out
+
+    def retire(self, live) -> None:
+        """End the state of every request vLLM no longer holds (``live``: its request ids)."""
+        for req_id in [r for r in self.started if r not in live]:
+            self.started.discard(req_id)
+            self.drafter.finish(req_id)
+
+    def stats(self) -> dict:
+        """The drafter's own counters (a suffix drafter's cache size), {} for drafters without any."""
+        stats = getattr(self.drafter, "stats", None)
+        return stats() if stats is not None else {}
 
 
 @dataclass
@@ -154,8 +204,10 @@ class DraftWorkerProposer:
         """vLLM hands over the target model here; remote drafting needs none of it."""
 
     def stats(self) -> dict:
-        """Counters: steps, worker calls, late and failed calls, pipelined hits, time spent waiting."""
-        return dict(self.counts)
+        """Counters: steps, worker calls, late and failed calls, pipelined hits, time spent waiting; an in-process
+        drafter's own (a suffix drafter's cache size)."""
+        local = [w.handle.stats() for w in self.workers if isinstance(w.handle, LocalDrafter)]
+        return {**self.counts, **(local[0] if local else {})}
 
     # ------------------------------------------------------------------------------- the hook
 
@@ -186,9 +238,14 @@ class DraftWorkerProposer:
             rows.append(row)
             new_rows[h.tobytes()] = row
         self.rows = new_rows
-        plain = self._plain_rows(batch)
-        ks = [min(r.strategy.next_k(), cap) if r is not None and not p else 0 for r, p in zip(rows, plain)]
-        drafts = self._drafts(histories, rows, ks)
+        requests = self._requests(batch)
+        ks = [min(r.strategy.next_k(), cap) if r is not None and not (q and q.plain) else 0
+              for r, q in zip(rows, requests)]
+        local = self.workers[0].handle if self.settings.local and self.runner is not None else None
+        if local is not None:  # keyed by request: state ends with the request, not by guessing from histories
+            drafts = self._local_drafts(local, histories, requests, ks)
+        else:
+            drafts = self._drafts(histories, rows, ks)
         for row, d in zip(rows, drafts):
             if row is not None:
                 row.drafts = d
@@ -202,17 +259,36 @@ class DraftWorkerProposer:
         self.counts["wait_s"] += self._returned_at - t0
         return drafts
 
-    def _plain_rows(self, batch: int) -> list[bool]:
-        """Per row of the batch: True when its request turned speculation off."""
+    def _requests(self, batch: int) -> list[_RowRequest | None]:
+        """Per row of the batch, its request as vLLM's runner holds it (None: no runner attached)."""
         runner = self.runner
         if runner is None:  # unattached: only a proposer built by hand (tests); the host refuses to serve so
-            return [False] * batch
-        plain = []
+            return [None] * batch
+        out: list[_RowRequest | None] = []
         for req_id in runner.input_batch.req_ids[:batch]:
             state = runner.requests.get(req_id) if req_id else None
-            extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
-            plain.append(bool(extra) and extra.get(SPECULATIVE_ARG) is False)
-        return plain + [False] * (batch - len(plain))
+            if state is None:
+                out.append(None)
+                continue
+            extra = (state.sampling_params.extra_args if state.sampling_params else None) or {}
+            out.append(_RowRequest(req_id, len(state.prompt_token_ids or ()), extra.get(TENANT_ARG),
+                                   extra.get(SPECULATIVE_ARG) is False))
+        return out + [None] * (batch - len(out))
+
+    def _local_drafts(self, local: LocalDrafter, histories: list, requests: list, ks: list[int]) -> list[list[int]]:
+        """The in-process drafter's drafts, its state keyed by vLLM's request ids (ended once vLLM drops them)."""
+        local.retire(self.runner.requests)
+        todo = [i for i, (h, q) in enumerate(zip(histories, requests)) if h is not None and q is not None
+                and not q.plain]
+        out: list[list[int]] = [[] for _ in histories]
+        if todo:
+            self.counts["calls"] += 1
+            found = local.propose_requests([(requests[i].req_id, requests[i].prompt_len, requests[i].tenant)
+                                            for i in todo], [histories[i].tolist() for i in todo],
+                                           [ks[i] for i in todo])
+            for i, d in zip(todo, found):
+                out[i] = d
+        return out
 
     def _row_for(self, h: np.ndarray, num_sampled: int) -> _Row:
         prev = self.rows.get(h[: len(h) - num_sampled].tobytes())

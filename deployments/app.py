@@ -84,6 +84,8 @@ class SpecServer:
         self.auth = APIKeyAuth.load(self.config.serve.api_keys_file,
                                     on_reject=lambda: self.errors.inc(1, tags={"status": "401"}))
         self.readiness = Readiness(self.core.start(), what=f"engine {replica.model.engine}")
+        per_key = self.config.serve.cache_per_api_key
+        self.cache_per_api_key = self.auth.enabled if per_key is None else per_key and self.auth.enabled
 
     # ------------------------------------------------------------------ Serve and operators
 
@@ -172,6 +174,9 @@ class SpecServer:
                 raise SpecServeError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                      "model", status=404, code="model_not_found")
             params = req.sampling(self.config.serve.default_max_tokens, self.config.serve.speculative)
+            if self.cache_per_api_key:  # drafter caches per key: no client's text speeds up another's
+                params = params.model_copy(
+                    update={"cache_tenant": self.auth.tenant(request.headers.get("authorization"))})
             # The engine's outputs are handled on this event loop too: a long prompt is tokenized off it.
             prompt_ids = (self._prompt_ids(req, kind) if len(body) < LONG_BODY_BYTES
                           else await asyncio.to_thread(self._prompt_ids, req, kind))

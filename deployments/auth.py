@@ -119,6 +119,16 @@ class APIKeyAuth:
         if not match:
             self._reject("Incorrect API key provided. Ask the operator of this server for a valid key.")
 
+    def tenant(self, authorization: str | None) -> str | None:
+        """The tenant a checked request belongs to: a short digest of its key (never the key), None when off.
+
+        Keys are the operator's tenants: requests with the same key share drafter caches, others do not.
+        """
+        if not self.enabled:
+            return None
+        _, _, key = (authorization or "").strip().partition(" ")
+        return _digest(key.strip()).hex()[:32]
+
     def _reject(self, message: str) -> None:
         if self._on_reject is not None:
             self._on_reject()

@@ -38,7 +38,7 @@ from deployments.bench_load import (
 )
 from deployments.bench_profile import CpuProfile
 from deployments.bench_servers import Server, check_leftovers, start_hosted, start_vllm_serve
-from specserve.config import apply_serve_defaults
+from specserve.config import LOCAL_DRAFTER_KINDS, apply_serve_defaults
 from specserve.errors import SpecServeError
 
 #: n-gram speculation of the peers, as `vllm serve --speculative-config` takes it (k added per peer).
@@ -62,10 +62,17 @@ class Target:
 
 
 def drafter_from_spec(spec: str, k: int, adaptive: bool) -> dict:
-    """``none | ngram | draft_model:PATH | vllm:METHOD[:PATH]`` as DrafterConfig fields."""
+    """``none | ngram | suffix | draft_model:PATH | vllm:local[:KIND] | vllm:METHOD[:PATH]`` as DrafterConfig
+    fields (``vllm:local:suffix``: our suffix drafter inside vLLM's worker; ``vllm:local``: our n-gram)."""
     kind, _, path = spec.partition(":")
     if kind == "vllm":
         method, _, model_path = path.partition(":")
+        if method == "local":
+            if model_path and model_path not in LOCAL_DRAFTER_KINDS:
+                raise SpecServeError(f"--drafter {spec}: vllm:local runs {', '.join(LOCAL_DRAFTER_KINDS)}",
+                                     param="--drafter")
+            return {"kind": model_path or "ngram", "vllm_method": "local", "num_speculative_tokens": k,
+                    "adaptive_k": adaptive}
         return {"kind": "ngram", "vllm_method": method, "path": model_path or None, "num_speculative_tokens": k,
                 "adaptive_k": adaptive}
     if kind == "none":
@@ -347,7 +354,8 @@ def add_parser(sub) -> None:
     p.add_argument("--engine", action="append", choices=["hf", "vllm"], default=None,
                    help="target engine (repeatable; default hf)")
     p.add_argument("--drafter", action="append", default=None,
-                   help="none | ngram | draft_model:PATH | vllm:METHOD[:PATH] (vLLM's own, engine vllm only); "
+                   help="none | ngram | suffix | draft_model:PATH | vllm:local[:ngram|suffix] (ours inside vLLM's worker) | "
+                   "vllm:METHOD[:PATH] (vLLM's own; both engine vllm only); "
                    "engine hf takes options after '@': router / workers (where drafting runs), nowait (no batch "
                    "gathering), e.g. ngram@workers,nowait; repeatable; default ngram. Plain decoding is always "
                    "measured.")

@@ -68,6 +68,13 @@ class ServeConfig(StrictModel):
         "starts; None: $SPECSERVE_API_KEYS_FILE if set. Keys in $SPECSERVE_API_KEYS are accepted too. No key "
         "anywhere: authentication is off (fine on 127.0.0.1 only). See docs/api.md.",
     )
+    cache_per_api_key: bool | None = Field(
+        None,
+        description="Keep drafters' cross-request caches (the suffix drafter's) per API key: one client's text "
+        "then never speeds up another's requests, which would be a timing side channel; each key warms its own "
+        "cache, capped as the shared one is (drafter.suffix_cache_*). None: on when API keys are configured. "
+        "Without keys there is one shared cache per model replica.",
+    )
 
 
 #: Fields of the separate ingress deployment, gone since the model replica answers HTTP itself.

@@ -5,9 +5,9 @@ For every prompt the baseline (drafter 'none') and each chosen drafter run back 
 (transformers' ``generate`` with and without prompt lookup). Writes ``results.json``
 and ``speedup.png``.
 
-Warm prompts, when given, are decoded untimed by every drafter before the timed prompts, each
-drafter on its own instance with the benchmark's sampling settings: a drafter that learns across
-requests (the suffix drafter's global cache) is then measured warm, as on a server that has run a while.
+Warm prompts, when given, are decoded untimed before the timed prompts by every drafter that learns
+across requests (the suffix drafter's global cache), each on its own instance with the benchmark's
+sampling settings: it is then measured warm, as on a server that has run a while.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class BenchSpec:
     chat: bool
     peers: bool = True
     prompt_lookup_num_tokens: int = 10
-    warm_prompts: list[dict] = field(default_factory=list)  # decoded untimed by every drafter first
+    warm_prompts: list[dict] = field(default_factory=list)  # decoded untimed first by drafters that learn across requests
 
 
 def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir: Path) -> dict:
@@ -48,11 +48,11 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
     engines = {BASELINE: baseline} | {method_name(d): engine.with_drafter(d) for d in spec.drafters}
     methods = list(engines) + (list(PEERS) if spec.peers else [])
     encoded, warm = _encode(engine, prompts, spec.chat), _encode(engine, spec.warm_prompts, spec.chat)
-    # Drafters decode the warm prompts, which also builds their kernels. The others (plain decoding, the
-    # peers: nothing to learn across requests) and every method when there are none warm up on the first
-    # prompt: a method's first pass builds kernels for its shapes (trees' 4D masks, wide passes), which cost
+    # Drafters that learn across requests decode the warm prompts, which also builds their kernels. The others
+    # (plain decoding, n-gram, the peers: nothing to learn across requests) and every method when there are
+    # none warm up on the first prompt: a method's first pass builds kernels for its shapes (trees' 4D masks, wide passes), which cost
     # seconds once and would land on the first prompt.
-    warmed = [name for name in engines if name != BASELINE] if warm else []
+    warmed = [name for name, eng in engines.items() if eng.drafter.learns_across_requests] if warm else []
     warm_up = {"prompts": len(warm), "prompt_tokens": sum(map(len, warm)),
                "methods": {name: decode_warm_prompts(engines[name], warm, spec.params, desc=f"warm-up {name}")
                            for name in warmed}}
@@ -147,8 +147,8 @@ def warm_up_line(results: dict) -> str:
         return ""
     tokens = ", ".join(f"{name} {w['tokens']:,}" for name, w in warm["methods"].items()) or "none"
     return (f"Warm-up, untimed, before the timed prompts: {warm['prompts']} prompts ({warm['prompt_tokens']:,} prompt "
-            f"tokens) decoded by every drafter; output tokens: {tokens}. Plain decoding and the peers keep nothing "
-            "across requests and were not warmed.")
+            f"tokens) decoded by every drafter that learns across requests; output tokens: {tokens}. The others "
+            "(plain decoding, n-gram, the peers) keep nothing across requests and were not warmed.")
 
 
 def _run_peer(engine: SpecEngine, ids: list[int], spec: BenchSpec, name: str) -> dict:

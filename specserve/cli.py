@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", action="append", required=True, help="FILE.jsonl or sharegpt:N (repeatable)")
     b.add_argument("--warm-prompts", action="append", default=[], metavar="SPEC",
                    help="FILE.jsonl, sharegpt:N or sharegpt-train:N (repeatable; --limit does not apply): decoded "
-                   "untimed by every drafter before the timed prompts, to fill cross-request caches (suffix); "
+                   "untimed before the timed prompts by every drafter that learns across requests (suffix), to fill its cache; "
                    "default none")
     b.add_argument("--linear-cost", action="store_true",
                    help="also run each adaptive chain drafter with adaptive k's linear cost prior instead of "

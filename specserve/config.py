@@ -95,6 +95,9 @@ def apply_serve_defaults(data: dict) -> dict:
     return {**data, "model": model, "drafter": drafter}
 
 
+#: Drafters that can run inside vLLM's worker (``vllm_method = "local"``): no model, no target hidden states.
+LOCAL_DRAFTER_KINDS: tuple[str, ...] = ("ngram", "suffix", "none")
+
 #: vLLM's own speculative methods that run colocated in its engine ('remote': our draft workers).
 VLLM_METHODS: tuple[str, ...] = ("remote", "local", "ngram", "suffix", "draft_model", "eagle3", "dflash")
 #: Of those, the ones that load a draft model from ``drafter.path``.
@@ -117,10 +120,11 @@ class VllmEngineConfig(StrictModel):
         False, description="Skip torch.compile and graph capture: starts faster, decodes slower.",
     )
     k_per_batch_size: list[tuple[int, int, int]] | None = Field(
-        default_factory=lambda: [(1, 2, 6), (3, 8, 4), (9, 4096, 3)],
-        description="Load-aware k: [(lo, hi, k), ...] caps the draft length while the running batch size is "
-        "in [lo, hi] (vLLM's num_speculative_tokens_per_batch_size; k 0 = plain decoding there). Ranges "
-        "start at 1, sorted, without overlap. None: always the drafter's k.",
+        None,
+        description="A fixed cap on k by running batch size, [(lo, hi, k), ...] while the batch size is in "
+        "[lo, hi] (vLLM's num_speculative_tokens_per_batch_size; k 0 = plain decoding there). Ranges start at 1, "
+        "sorted, without overlap. None (the default): no fixed cap; the proposer's adaptive k prices a draft "
+        "token at each batch size from the verification cost it measures on this machine.",
     )
     draft_deadline_ms: float = Field(
         200.0, gt=0, le=60000,
@@ -274,8 +278,8 @@ class DrafterConfig(StrictModel):
     vllm_method: Literal["remote", "local", "ngram", "suffix", "draft_model", "eagle3", "dflash"] = Field(
         "remote",
         description="With model.engine 'vllm': 'remote' drafts with this drafter on specserve draft workers "
-        "(Ray actors) through vLLM's proposer hook; 'local' runs this drafter (ngram only) inside vLLM's "
-        "worker through the same hook, with adaptive k from measured verification cost; 'ngram', 'suffix', "
+        "(Ray actors) through vLLM's proposer hook; 'local' runs this drafter (ngram or suffix) inside "
+        "vLLM's worker through the same hook, with adaptive k from measured verification cost; 'ngram', 'suffix', "
         "'draft_model', 'eagle3', 'dflash' use vLLM's own method colocated in the engine (the last three "
         "load 'path'). Ignored by engine 'hf'.",
     )
@@ -310,6 +314,12 @@ class SamplingParams(StrictModel):
     speculative: bool = Field(
         True, description="Use speculative decoding for this request; False decodes plainly (the output is the "
         "same either way: greedy token for token, sampled in distribution).",
+    )
+    cache_tenant: str | None = Field(
+        None, max_length=64,
+        description="The cross-request drafter cache (the suffix drafter's) this request reads and feeds: set by "
+        "the server from the request's API key when serve.cache_per_api_key is on, not by clients; None: the "
+        "replica's shared cache.",
     )
 
     @field_validator("stop", mode="before")
@@ -350,10 +360,10 @@ def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
                              "(engine 'hf' drafts with drafter.kind)", param="drafter.vllm_method")
     if model.engine != "vllm" or drafter.vllm_method not in ("remote", "local"):
         return
-    if drafter.vllm_method == "local" and drafter.kind not in ("ngram", "none"):
-        raise SpecServeError(f"drafter.vllm_method 'local' runs only the ngram drafter inside vLLM's worker; "
-                             f"drafter.kind {drafter.kind!r} drafts on draft workers: use vllm_method 'remote'",
-                             param="drafter.vllm_method")
+    if drafter.vllm_method == "local" and drafter.kind not in LOCAL_DRAFTER_KINDS:
+        raise SpecServeError(f"drafter.vllm_method 'local' runs only model-free drafters (ngram, suffix) inside "
+                             f"vLLM's worker; drafter.kind {drafter.kind!r} drafts on draft workers: use vllm_method "
+                             "'remote'", param="drafter.vllm_method")
     if drafter.kind in ("block", "hybrid"):
         raise SpecServeError(f"drafter.kind {drafter.kind!r} needs the target's hidden states, which vLLM's proposer hook "
                              "does not pass: use engine 'hf', or kind ngram / draft_model", param="drafter.kind")

@@ -158,7 +158,9 @@ def deploy(serve, name: str, prefix: str, config: dict) -> str:
 
 
 def tiny_config(tiny_dir, **serve_opts) -> dict:
-    return {"model": {"model": str(tiny_dir), "dtype": "fp32"}, "drafter": {"kind": "ngram"},
+    return {"model": {"model": str(tiny_dir), "dtype": "fp32"},
+            # The suffix drafter: its cross-request cache is kept per API key once keys are configured.
+            "drafter": {"kind": "suffix", "num_speculative_tokens": 8, "adaptive_k": False},
             "serve": {"model_name": "tiny", "max_model_len": 256, **serve_opts}}
 
 
@@ -228,6 +230,23 @@ def test_a_streaming_chat_with_the_right_key_streams_to_the_end(app):
     again = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hello"}],
                                       max_tokens=12, temperature=0)
     assert again.choices[0].message.content == text
+
+
+@pytest.mark.ray
+def test_the_drafters_cross_request_cache_is_kept_per_api_key(app):
+    # Greedy and a fixed k: a request drafts the same whenever its key's cache holds the same text.
+    prompt = "Tenant isolation check: repeat after me, one two three four"
+
+    def spec_decode(key: str) -> dict:
+        resp = client(app, key).completions.create(model="tiny", prompt=prompt, max_tokens=48, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+        return resp.model_extra["spec_decode"]
+
+    first = spec_decode(FILE_KEY)
+    again = spec_decode(FILE_KEY)  # its own answer is now in this key's cache
+    other = spec_decode(ENV_KEYS[1])  # another key: none of it
+    assert again["num_accepted_tokens"] > first["num_accepted_tokens"] + 8, (first, again)
+    assert other["num_accepted_tokens"] < again["num_accepted_tokens"] - 8, (other, again)
 
 
 @pytest.mark.ray

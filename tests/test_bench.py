@@ -83,7 +83,7 @@ def test_warm_prompts_fill_the_suffix_drafters_cross_request_cache(tiny_target):
     assert again.stats.mean_accepted_length > 3.0
 
 
-def test_bench_decodes_the_warm_prompts_on_every_drafter_first_and_records_it(tiny_target, tmp_path):
+def test_bench_decodes_the_warm_prompts_on_drafters_that_learn_across_requests_first(tiny_target, tmp_path):
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     timed = [{**r, "set": "timed"} for r in WARM_RECORDS]  # timed = warm: a warm cache holds every answer
     runs = {}
@@ -93,7 +93,7 @@ def test_bench_decodes_the_warm_prompts_on_every_drafter_first_and_records_it(ti
         runs[name] = run_bench(_plain_engine(tiny_target), timed, spec, tmp_path / name)
     saved = json.loads((tmp_path / "warm" / "results.json").read_text())
     assert saved["warm_up"]["prompts"] == 2 and saved["warm_up"]["prompt_tokens"] > 0
-    assert list(saved["warm_up"]["methods"]) == ["suffix", "ngram"]  # drafters only: plain decoding keeps nothing
+    assert list(saved["warm_up"]["methods"]) == ["suffix"]  # plain decoding and n-gram keep nothing across requests
     assert all(m["tokens"] == 32 for m in saved["warm_up"]["methods"].values())
     assert runs["cold"]["warm_up"] == {"prompts": 0, "prompt_tokens": 0, "methods": {}}
     assert "Warm-up, untimed, before the timed prompts: 2 prompts" in bench_table(runs["warm"])

@@ -207,6 +207,38 @@ def test_the_cache_learns_from_a_finished_request():
     assert d.propose("new", other + output[:4], 8).token_ids == output[4:8]  # up to the cached text's end
 
 
+def test_a_tenants_requests_read_and_feed_only_that_tenants_cache():
+    d = SuffixDrafter(min_match=2, cache_requests=3)
+    prompt, output = words("tell me a story"), words("once upon a time there was a fox")
+    other = words("please tell another story :")
+    alice, bob = (GREEDY.model_copy(update={"cache_tenant": t}) for t in ("alice", "bob"))
+
+    def drafts(seq_id: str, params: SamplingParams) -> list[int]:
+        d.start(seq_id, other, params)
+        got = d.propose(seq_id, other + output[:2], 8).token_ids
+        d.finish(seq_id)
+        return got
+
+    d.start("a", prompt, alice)
+    d.commit("a", prompt + output)
+    d.finish("a")
+    assert drafts("a2", alice) == output[2:6]  # alice's own answer, from her cache
+    assert drafts("b", bob) == []  # bob sees none of alice's text
+    assert drafts("shared", GREEDY) == []  # nor do requests without a tenant
+    # The shared cache holds the tenant-less request's own two tokens, nothing of alice's.
+    assert d.cache.num_tokens == 2 and d.stats()["tenant_caches"] == 2
+    # Each tenant's cache has the shared one's caps: bob's requests evict only bob's.
+    for i in range(4):
+        finished(d, f"b{i}", [], [100 + i, 200 + i])
+    assert len(d.tenant_caches["bob"].sequences) == 1 and len(d.cache.sequences) == 3  # tenant-less: shared
+    for i in range(4):
+        d.start(f"b{i}", [], bob)
+        d.commit(f"b{i}", [100 + i, 200 + i])
+        d.finish(f"b{i}")
+    assert len(d.tenant_caches["bob"].sequences) == 3 and d.tenant_caches["alice"].sequences
+    assert drafts("a3", alice) == output[2:6]
+
+
 def test_a_long_match_in_the_own_context_keeps_the_lead_over_the_cache():
     d = SuffixDrafter(min_match=2, own_weight=2.0)  # own matched tokens weigh twice the cache's
     for i in range(5):  # the cache saw "def f ( x ) : return x" five times
@@ -377,8 +409,8 @@ def test_sampling_preserves_the_target_distribution(tiny_target, tree_nodes):
     engine = suffix_engine(tiny_target, 3, tree_nodes=tree_nodes, suffix_min_match=1, suffix_min_prob=0.0)
     n = 300
     nodes_before = engine.drafter.num_nodes if tree_nodes else 0
-    counts, drafted = sample_outcomes(engine, prompt_ids, params, n)
-    assert drafted > 0, "the drafter never proposed: the test would not exercise acceptance"
+    counts, stats = sample_outcomes(engine, prompt_ids, params, n)
+    assert stats.num_draft_tokens > 0, "the drafter never proposed: the test would not exercise acceptance"
     if tree_nodes:
         assert engine.drafter.num_nodes - nodes_before > n, "the trees must branch for the test to mean anything"
     assert chi_square_p_value(counts, expected, n) > 1e-3, counts

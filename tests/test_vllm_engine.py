@@ -149,6 +149,33 @@ def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(lo
     assert stats.get("calls", 0) > 0
 
 
+def test_the_local_suffix_drafter_inside_vllm_is_exact_and_learns_across_requests_per_tenant(loop, ray_local, prompts,
+                                                                                              reference):
+    # Our suffix drafter in vLLM's worker, keyed by vLLM's request ids: a request's output joins the
+    # replica's cross-request cache as soon as vLLM drops it. The same prompts a second time draft their
+    # answers from the cache; a tenant's requests (an API key's) read only that tenant's cache.
+    core = start_core(loop, replica({"kind": "suffix", "vllm_method": "local", "num_speculative_tokens": 8}))
+    try:
+        cold = run_all(loop, core, prompts)
+        warm = run_all(loop, core, prompts)
+        tenant = run_all(loop, core, prompts[:3], GREEDY.model_copy(update={"cache_tenant": "key-b"}))
+        stats = loop.run_until_complete(core.refresh_proposer_stats())
+    finally:
+        core.shutdown()
+    assert [tokens for tokens, _ in cold] == reference
+    assert [tokens for tokens, _ in warm] == reference
+    assert [tokens for tokens, _ in tenant] == reference[:3]
+
+    def accepted(results) -> int:
+        return sum(last.stats["num_accepted_tokens"] for _, last in results)
+
+    # Warm, every answer is in the cache: most of each output is accepted from it.
+    assert accepted(warm) > max(2 * accepted(cold), sum(map(len, reference)) // 2), (accepted(cold), accepted(warm))
+    assert accepted(tenant) < accepted(warm[:3]) // 2, "a tenant saw the shared cache"
+    assert stats["tenant_caches"] == 1 and stats["cache_requests"] >= 2 * len(prompts)
+    assert stats.get("calls", 0) > 0
+
+
 def test_a_draft_model_on_its_own_actor_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference,
                                                                        tiny_draft_dir):
     # A tiny random draft model with the real tokenizer: mostly rejected, so every step exercises

@@ -109,10 +109,12 @@ def test_history_keyed_draft_model_drafts_what_the_per_sequence_drafter_drafts(t
 
 
 @pytest.mark.parametrize("batch, expected", [(1, 6), (2, 6), (3, 4), (8, 4), (9, 3), (500, 3)])
-def test_load_aware_k_caps_by_batch_size(batch, expected):
-    schedule = ModelConfig().vllm.k_per_batch_size
-    assert k_cap([list(r) for r in schedule], batch, 6) == expected
-    assert k_cap([], batch, 5) == 5
+def test_an_optional_k_schedule_caps_by_batch_size(batch, expected):
+    schedule = [[1, 2, 6], [3, 8, 4], [9, 4096, 3]]
+    assert k_cap(schedule, batch, 6) == expected
+    assert k_cap(schedule, batch, 2) == 2  # a cap, never more than the drafter's k
+    # The default has no table: adaptive k prices draft tokens from the measured cost at every batch size.
+    assert ModelConfig().vllm.k_per_batch_size is None and k_cap([], batch, 5) == 5
 
 
 @pytest.mark.parametrize("model, drafter, param", [

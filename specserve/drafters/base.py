@@ -38,6 +38,8 @@ class Drafter:
     draft_cost_per_token: float = 0.0
     #: Target layers whose hidden states this drafter conditions on (empty: none).
     target_layers: tuple[int, ...] = ()
+    #: True when finished requests change later drafts (a cross-request cache): benchmarks warm it first.
+    learns_across_requests: bool = False
 
     def start(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
               target_hidden: torch.Tensor | None = None) -> None:

@@ -271,6 +271,7 @@ class _Request:
     tokens: list[int] = field(default_factory=list)  # indexed so far (the own trie's lazy nodes read it)
     active: list[_Node] = field(default_factory=list)  # own suffixes that occurred before, by depth
     matches: list[Cursor] = field(default_factory=list)  # suffixes found in the global trie, by depth
+    cache: SuffixCache | None = None  # the cross-request cache this request reads and, once finished, feeds
     version: int = -1  # the global trie's version ``matches`` belongs to
     matched: int = 0  # tokens ``matches`` has seen
 
@@ -304,6 +305,8 @@ class SuffixDrafter(Drafter):
     its drafts grow with the match (spec_factor 2 per matched token, from min_match 2 on).
     """
 
+    learns_across_requests = True
+
     name = "suffix"
     draft_cost_per_token = 0.0  # a few dict look-ups per draft token
 
@@ -315,14 +318,38 @@ class SuffixDrafter(Drafter):
         self.cache_rule = DraftRule(min_match, spec_factor, 1.0)
         self.min_prob = min_prob
         self.cache_prompts = cache_prompts
-        self.cache = SuffixCache(max_depth, cache_requests, cache_tokens)
+        self.cache_limits = (cache_requests, cache_tokens)
+        self.cache = SuffixCache(max_depth, cache_requests, cache_tokens)  # shared by requests without a tenant
+        self.tenant_caches: dict[str, SuffixCache] = {}  # one per tenant (API key): isolation, see ``start``
+        self._tenants_lock = threading.Lock()
         self.requests: dict[str, _Request] = {}
 
     def start(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
               target_hidden: torch.Tensor | None = None) -> None:
-        req = _Request(len(prompt_ids), SuffixTrie(self.max_depth))
+        """Start a request; with ``params.cache_tenant`` it reads and feeds that tenant's own cross-request cache.
+
+        One shared cache lets one client's text speed up another's requests, a timing side channel; a
+        cache per tenant closes it at the price of each tenant warming its own (each capped as the shared
+        one is; tenants are API keys, so their number is the operator's).
+        """
+        req = _Request(len(prompt_ids), SuffixTrie(self.max_depth), cache=self._cache_for(params.cache_tenant))
         self._index(req, prompt_ids)
         self.requests[seq_id] = req
+
+    def _cache_for(self, tenant: str | None) -> SuffixCache:
+        if tenant is None:
+            return self.cache
+        with self._tenants_lock:
+            cache = self.tenant_caches.get(tenant)
+            if cache is None:
+                cache = self.tenant_caches[tenant] = SuffixCache(self.max_depth, *self.cache_limits)
+            return cache
+
+    def stats(self) -> dict:
+        """Cross-request cache sizes: requests and tokens held (all tenants), and the number of tenant caches."""
+        caches = [self.cache, *self.tenant_caches.values()]
+        return {"cache_requests": sum(len(c.sequences) for c in caches),
+                "cache_tokens": sum(c.num_tokens for c in caches), "tenant_caches": len(self.tenant_caches)}
 
     def commit(self, seq_id: str, token_ids: list[int], target_hidden: torch.Tensor | None = None) -> None:
         self._sync(self.requests[seq_id], token_ids)
@@ -331,7 +358,7 @@ class SuffixDrafter(Drafter):
         """Free the request's trie; its output (and prompt, with ``cache_prompts``) joins the global trie."""
         req = self.requests.pop(seq_id, None)
         if req is not None:
-            self.cache.add(req.tokens if self.cache_prompts else req.tokens[req.prompt_len:])
+            req.cache.add(req.tokens if self.cache_prompts else req.tokens[req.prompt_len:])
 
     def propose(self, seq_id: str, token_ids: list[int], k: int) -> DraftBlock:
         """A chain of up to ``k`` tokens: the most probable continuation, token by token."""
@@ -355,7 +382,7 @@ class SuffixDrafter(Drafter):
         """Bring the request's trie to ``token_ids`` (normally an extension; a rollback rebuilds it)."""
         n = len(req.tokens)
         if len(token_ids) < n or token_ids[:n] != req.tokens:
-            fresh = _Request(req.prompt_len, SuffixTrie(self.max_depth))
+            fresh = _Request(req.prompt_len, SuffixTrie(self.max_depth), cache=req.cache)
             self._index(fresh, token_ids)
             req.trie, req.tokens, req.active, req.version = fresh.trie, fresh.tokens, fresh.active, -1
         else:
@@ -367,8 +394,8 @@ class SuffixDrafter(Drafter):
         self._sync(req, token_ids)
         if max_nodes <= 0 or max_depth <= 0:
             return DraftTree()
-        with self.cache.lock:
-            glob = self.cache.trie
+        with req.cache.lock:
+            glob = req.cache.trie
             if req.version != glob.version:  # requests finished or left the cache: match afresh
                 req.matches, req.version = glob.matches(req.tokens), glob.version
             else:

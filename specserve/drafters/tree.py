@@ -79,6 +79,7 @@ class TreeDrafter(Drafter):
         self.name = inner.name
         self.draft_cost_per_token = inner.draft_cost_per_token
         self.target_layers = inner.target_layers
+        self.learns_across_requests = inner.learns_across_requests
         self.budgets: dict[str, AdaptiveTreeBudget] = {}
         # seq_id -> (committed length, most probable path's tokens) of the last tree
         self.last: dict[str, tuple[int, list[int]]] = {}
