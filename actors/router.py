@@ -30,21 +30,23 @@ import torch
 from ray.exceptions import RayActorError, RayError
 
 from actors.config import ReplicaConfig
+from actors.core import ReplicaCore, least_loaded, pipelining_pays
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.streaming import RequestStream
 from actors.target_worker import TargetGroup
 from cluster.placement import actor_options
 from specserve.config import SamplingParams
+from specserve.cost import VerifyCost, pass_draft_length
 from specserve.drafters import make_drafter
-from specserve.drafters.base import DraftBlock
+from specserve.drafters.base import NO_DRAFT, DraftBlock
 from specserve.engine import LocalProposer
-from specserve.errors import Saturated, TargetFailed
+from specserve.errors import TargetFailed
 from specserve.models import ModelInfo
 from specserve.outputs import StreamChunk
 from specserve.sequence import Sequence
 from specserve.step import Proposer, decode
-from specserve.strategy import AdaptiveK, KStrategy, VerifyCost, make_strategy, pass_draft_length
+from specserve.strategy import AdaptiveK, KStrategy, make_strategy
 from specserve.target import StepRequest, StepResult, TreeStepRequest
 from specserve.tree import DraftTree, below, check_budget
 
@@ -229,10 +231,10 @@ class RemoteProposer:
         if not self.attached:
             self.plain_steps += 1
             if self.needs_features or self.plain_steps % REATTACH_EVERY:
-                return DraftBlock([])
+                return NO_DRAFT
             await self._attach(seq, None)
             if not self.attached:
-                return DraftBlock([])
+                return NO_DRAFT
         hidden = torch.cat(self.pending_hidden) if self.pending_hidden else None
         try:
             block = await self.worker.step.remote(seq.seq_id, seq.all_ids, k, hidden)
@@ -240,7 +242,7 @@ class RemoteProposer:
             log.warning("draft worker failed; %s continues with plain decoding", seq.seq_id)
             self.metrics.draft_failure()
             self.attached = False
-            return DraftBlock([])
+            return NO_DRAFT
         self.pending_hidden.clear()
         return block
 
@@ -331,8 +333,8 @@ class _Request:
     stream: RequestStream  # builds its chunks and token timing metrics
 
 
-class RouterCore:
-    """Request state and the distributed decode loop. Hosted by the Serve router deployment."""
+class RouterCore(ReplicaCore):
+    """Engine hf: request state and the distributed decode loop (draft workers, target groups)."""
 
     def __init__(self, config: ReplicaConfig):
         self.config = config
@@ -391,9 +393,7 @@ class RouterCore:
         Raises ``SpecServeError`` (bad input), ``Saturated`` (queue full) or ``TargetFailed``.
         """
         self.info.check_fits(len(prompt_ids))
-        limit = self.config.router.max_running_requests + self.config.router.max_waiting_requests
-        if len(self.requests) + self.num_waiting >= limit:
-            raise Saturated(f"server is saturated ({limit} requests in flight); retry later")
+        self.admit(len(self.requests) + self.num_waiting)
         if params.seed is None:
             # Every rank of a TP group must draw the same random numbers: the router picks the seed.
             params = params.model_copy(update={"seed": random.getrandbits(62)})
@@ -405,7 +405,7 @@ class RouterCore:
         finally:
             self.num_waiting -= 1
         seq_id = request_id or f"req-{next(self._request_numbers)}"
-        group = min(self.groups, key=lambda g: sum(r.group is g for r in self.requests.values()))
+        group = least_loaded(self.groups, lambda g: sum(r.group is g for r in self.requests.values()))
         worker_index = next(self._worker_turns) % len(self.workers) if self.workers else None
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
         req = _Request(seq, group, worker_index,
@@ -464,10 +464,8 @@ class RouterCore:
         seq = req.seq
         params = seq.params.model_dump(mode="json")
         needs_features = bool(self.worker_info.get("target_layers"))
-        # Overlap pays only when drafting costs something: an n-gram lookup is free, and the extra
-        # speculative draft call would only add actor traffic (measured in docs/benchmarks.md).
         pipelining = (self.config.router.pipelining and not needs_features
-                      and self.worker_info.get("draft_cost_per_token", 0.0) > 0.0)
+                      and pipelining_pays(None, self.worker_info.get("draft_cost_per_token", 0.0)))
         proposer: Proposer
         if self.local_proposer is not None:
             proposer = self.local_proposer
@@ -547,7 +545,7 @@ class _NoDraft:
         """Nothing to set up."""
 
     async def propose(self, seq: Sequence, k: int) -> DraftBlock:
-        return DraftBlock([])
+        return NO_DRAFT
 
     def speculate(self, seq: Sequence, block: DraftBlock) -> None:
         """Nothing to pipeline."""

@@ -35,6 +35,7 @@ import ray
 from ray.exceptions import RayError
 
 from actors.config import ReplicaConfig
+from actors.core import ReplicaCore, least_loaded, pipelining_pays
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.streaming import RequestStream
@@ -42,15 +43,15 @@ from actors.vllm_proposer import CONFIG_KEY, SPECULATIVE_ARG, TENANT_ARG
 from actors.vllm_watchdog import OWNER_ENV
 from cluster.placement import actor_options
 from specserve.config import SamplingParams, check_engine_fits
-from specserve.errors import Saturated, SpecServeError, TargetFailed
+from specserve.errors import SpecServeError, TargetFailed
 from specserve.models import ModelInfo, resolve_dtype
 from specserve.outputs import StreamChunk
 from specserve.sequence import Sequence
 
 log = logging.getLogger("specserve.vllm_core")
 
-#: The proposer class vLLM loads for remote drafting.
-PROPOSER_CLASS = "actors.vllm_proposer.DraftWorkerProposer"
+#: The proposer class vLLM loads for each of our vllm_methods.
+PROPOSER_CLASSES = {"remote": "actors.vllm_proposer.VllmRemoteProposer", "local": "actors.vllm_proposer.VllmLocalProposer"}
 #: What vLLM mixes into its worker so that the proposer can be attached and read (``collective_rpc``).
 WORKER_EXTENSION = "actors.vllm_extension.ProposerExtension"
 #: Seconds between reads of the proposer's counters.
@@ -98,8 +99,8 @@ def _check_cpu_sampling_fix() -> None:
                              "sampling is not exact: add it or unset VLLM_PLUGINS", param="model.engine")
 
 
-class VllmCore:
-    """Request state around one vLLM engine per target group. Hosted by the Serve router deployment."""
+class VllmCore(ReplicaCore):
+    """Engine vllm: request state around one vLLM engine per target group, our proposer inside each."""
 
     def __init__(self, config: ReplicaConfig):
         check_engine_fits(config.model, config.drafter)
@@ -168,7 +169,8 @@ class VllmCore:
         if not attached or not attached[0]:
             engine.shutdown()
             raise RuntimeError(f"vLLM built no specserve proposer in its output worker (attached: {attached}); "
-                               f"check that speculative_config.method is custom_class with {PROPOSER_CLASS}")
+                               "check that speculative_config.method is custom_class with "
+                               f"{PROPOSER_CLASSES[self.config.drafter.vllm_method]}")
 
     async def refresh_proposer_stats(self) -> dict:
         """Read the proposer's counters now (output rank of each engine, summed over engines)."""
@@ -234,13 +236,14 @@ class VllmCore:
         """vLLM's ``speculative_config`` for the configured drafter (None: plain decoding)."""
         d = self.config.drafter
         v = self.config.model.vllm
-        if d.kind == "none" and d.vllm_method in ("remote", "local") or d.num_speculative_tokens == 0:
+        # vLLM's own methods ignore drafter.kind: only k = 0 turns them off.
+        if d.num_speculative_tokens == 0 or not d.drafts and d.vllm_method in ("remote", "local"):
             return None
         spec: dict = {"num_speculative_tokens": d.num_speculative_tokens}
         if d.vllm_method in ("remote", "local"):
             if not self.proposer_drafting:
                 return None
-            spec.update(method="custom_class", model=PROPOSER_CLASS)
+            spec.update(method="custom_class", model=PROPOSER_CLASSES[d.vllm_method])
         elif d.vllm_method == "ngram":
             spec.update(method="ngram", prompt_lookup_min=d.ngram_min, prompt_lookup_max=d.ngram_max)
         elif d.vllm_method == "suffix":
@@ -259,7 +262,7 @@ class VllmCore:
             "k_per_batch_size": [list(r) for r in cfg.model.vllm.k_per_batch_size or []],
         }
         if not self.remote_drafting:  # the local n-gram drafter: free, nothing to overlap
-            return {**settings, "local": True, "pipelining": False}
+            return {**settings, "pipelining": False}
         cost = float(self.worker_info.get("draft_cost_per_token", 0.0))
         pipelining = cfg.model.vllm.pipelining
         return {
@@ -269,8 +272,7 @@ class VllmCore:
             "draft_workers": self.worker_names,
             "draft_cost_per_token": cost,
             "deadline_ms": cfg.model.vllm.draft_deadline_ms,
-            # Overlap pays only when drafting costs something (a draft model, not an n-gram lookup).
-            "pipelining": cost > 0.0 if pipelining is None else pipelining,
+            "pipelining": pipelining_pays(pipelining, cost),
         }
 
     # ----------------------------------------------------------------------------------- API
@@ -282,11 +284,9 @@ class VllmCore:
         Raises ``SpecServeError`` (bad input), ``Saturated`` (queue full) or ``TargetFailed``.
         """
         self.info.check_fits(len(prompt_ids))
-        limit = self.config.router.max_running_requests + self.config.router.max_waiting_requests
-        if len(self.requests) >= limit:
-            raise Saturated(f"server is saturated ({limit} requests in flight); retry later")
+        self.admit(len(self.requests))
         seq_id = f"{request_id or 'req'}-{next(self._request_numbers)}"
-        engine = min(range(len(self.engines)), key=lambda i: sum(r.engine == i for r in self.requests.values()))
+        engine = least_loaded(range(len(self.engines)), lambda i: sum(r.engine == i for r in self.requests.values()))
         seq = Sequence(prompt_ids, params, self.tokenizer, self.info.eos_token_ids, seq_id=seq_id)
         sampling = self.vllm_params(seq)  # refuses what vLLM cannot run before anything starts
         t_arrival = time.perf_counter()

@@ -1,6 +1,6 @@
 """What vLLM mixes into its worker for specserve (``worker_extension_cls``), called by ``collective_rpc``.
 
-vLLM builds our proposer (``actors.vllm_proposer.DraftWorkerProposer``) inside its model
+vLLM builds our proposer (``actors.vllm_proposer.VllmLocalProposer`` or ``VllmRemoteProposer``) inside its model
 runner and gives it token ids only. The engine's host attaches the proposer to that runner
 through this declared hook right after the engine starts (and refuses to serve if it cannot),
 so the proposer reads each running request's ``sampling_params.extra_args`` (the per-request
@@ -14,11 +14,11 @@ class ProposerExtension:
     """Methods added to vLLM's worker class; each runs in every worker process."""
 
     def _specserve_proposer(self):
-        from actors.vllm_proposer import DraftWorkerProposer
+        from actors.vllm_proposer import VllmProposer
 
         runner = getattr(self, "model_runner", None)
         proposer = getattr(runner, "drafter", None)
-        return (runner, proposer) if isinstance(proposer, DraftWorkerProposer) else (runner, None)
+        return (runner, proposer) if isinstance(proposer, VllmProposer) else (runner, None)
 
     def specserve_attach(self) -> bool:
         """Give the proposer its model runner; False when this worker runs no specserve proposer."""

@@ -1,17 +1,17 @@
 """vLLM proposer that drafts with specserve drafters: on draft workers (Ray actors), or in process.
 
-vLLM builds this class inside its worker process (``speculative_config={"method":
-"custom_class", "model": "actors.vllm_proposer.DraftWorkerProposer", ...}``) and calls
-``propose`` after every step with the token history of each running request: token ids
-only. The whole batch goes to the draft workers in one call per worker;
-with ``local`` settings (``drafter.vllm_method = "local"``, a model-free n-gram or suffix
-drafter) the drafter runs right here instead, with no Ray at all, its state keyed by vLLM's
-request ids (started with the prompt, ended when vLLM drops the request; a request's
-``TENANT_ARG`` picks the suffix drafter's per-tenant cache).
+vLLM builds one of these classes inside its worker process (``speculative_config={"method":
+"custom_class", "model": "actors.vllm_proposer.VllmRemoteProposer", ...}``) and calls ``propose``
+after every step with the token history of each running request: token ids only.
+``VllmRemoteProposer`` (``drafter.vllm_method = "remote"``) sends the whole batch to the draft
+workers in one call per worker; ``VllmLocalProposer`` (``"local"``, a model-free n-gram or suffix
+drafter) drafts right here, with no Ray at all, its state keyed by vLLM's request ids (started
+with the prompt, ended when vLLM drops the request; a request's ``TENANT_ARG`` picks the suffix
+drafter's per-tenant cache). Both share ``VllmProposer``: rows, adaptive k, the measured cost.
 
 - **Measured cost, adaptive k.** The time from returning drafts to the next call is vLLM's
   step over the tokens it verified, so the proposer fits what one more draft token costs at
-  this batch size (``specserve.strategy.VerifyCost``); each row's adaptive k weighs that
+  this batch size (``specserve.cost.VerifyCost``); each row's adaptive k weighs that
   against its running acceptance and drafts nothing where drafting does not pay.
 
 - **Per-request switch.** The hook is not given request ids; the engine's host attaches the
@@ -25,7 +25,10 @@ request ids (started with the prompt, ended when vLLM drops the request; a reque
   is reused) and its adaptive k (``specserve.strategy``), learned from how much of the
   previous draft the new history accepted.
 - **Load-aware k.** The measured cost is fitted over passes of every batch size, so adaptive
-  k drafts less as the batch grows and a verified token costs more. ``k_per_batch_size``
+  k drafts less as the batch grows and a verified token costs more; and whole steps are timed
+  (``specserve.cost.DraftingSwitch``): per batch-size bucket, committed tokens per second of
+  steps that verified drafts against steps that drafted nothing, so drafting stops at the batch
+  sizes where it loses on this machine, whatever the per-token price says. ``k_per_batch_size``
   (optional) adds a fixed cap by running batch size (the same schedule is vLLM's
   ``num_speculative_tokens_per_batch_size``, so its scheduler sizes the verification to it);
   k = 0 is plain decoding.
@@ -52,7 +55,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from specserve.config import DrafterConfig
-from specserve.strategy import KStrategy, VerifyCost, make_strategy
+from specserve.cost import DraftingSwitch, VerifyCost
+from specserve.strategy import KStrategy, make_strategy
 
 log = logging.getLogger("specserve.vllm_proposer")
 
@@ -72,7 +76,6 @@ class ProposerSettings:
     """What the engine's host passes through ``additional_config[CONFIG_KEY]`` (JSON-able)."""
 
     drafter: dict  # DrafterConfig as JSON (adaptive k and its cost model)
-    local: bool = False  # draft in this process (a free drafter: n-gram), no Ray and no draft workers
     gcs_address: str | None = None  # Ray cluster to join (the host's own); remote drafting only
     namespace: str | None = None  # Ray namespace of the named draft workers
     draft_workers: list[str] = field(default_factory=list)  # actor names
@@ -102,57 +105,9 @@ class _Row:
     steps: int = 1  # calls this row has been in
 
 
-class LocalDrafter:
-    """A model-free drafter (n-gram, suffix) in the proposer's own process, answering at once.
-
-    With the model runner attached, drafter state is keyed by vLLM's request ids: a request's state
-    starts with its prompt, and ends as soon as vLLM drops the request (a suffix drafter's output then
-    joins its cross-request cache at once). Without a runner (a proposer built by hand) it is keyed by
-    token history, as on a draft worker.
-    """
-
-    def __init__(self, cfg: DrafterConfig):
-        from specserve.drafters import make_drafter
-        from specserve.drafters.history import HistoryDrafter
-
-        self.drafter = make_drafter(cfg, None)  # type: ignore[arg-type]
-        self.history = HistoryDrafter(self.drafter)
-        self.started: set[str] = set()  # request ids with drafter state
-
-    def propose_batch(self, histories: list[list[int]], k: int | list[int]) -> list[list[int]]:
-        """Greedy drafts of up to ``k`` tokens after each history (as ``DraftWorker.propose_batch``)."""
-        return self.history.propose_batch(histories, k)
-
-    def propose_requests(self, requests: list[tuple[str, int, str | None]], histories: list[list[int]],
-                         ks: list[int]) -> list[list[int]]:
-        """Drafts for rows known by request: ``(request id, prompt length, tenant)`` per history."""
-        from specserve.drafters.history import GREEDY
-
-        out = []
-        for (req_id, prompt_len, tenant), history, k in zip(requests, histories, ks):
-            if req_id not in self.started:
-                params = GREEDY.model_copy(update={"cache_tenant": tenant}) if tenant else GREEDY
-                self.drafter.start(req_id, history[:prompt_len], params)
-                self.started.add(req_id)
-            self.drafter.commit(req_id, history)
-            out.append([int(t) for t in self.drafter.propose(req_id, history, k).token_ids] if k > 0 else [])
-        return out
-
-    def retire(self, live) -> None:
-        """End the state of every request vLLM no longer holds (``live``: its request ids)."""
-        for req_id in [r for r in self.started if r not in live]:
-            self.started.discard(req_id)
-            self.drafter.finish(req_id)
-
-    def stats(self) -> dict:
-        """The drafter's own counters (a suffix drafter's cache size), {} for drafters without any."""
-        stats = getattr(self.drafter, "stats", None)
-        return stats() if stats is not None else {}
-
-
 @dataclass
 class _Worker:
-    handle: object  # a DraftWorker actor handle, or a LocalDrafter
+    handle: object  # a DraftWorker actor handle
     skip_until_step: int = 0  # failed or late: plain decoding for its rows until this step
     late: object | None = None  # a call that missed its deadline and has not finished yet
 
@@ -165,49 +120,46 @@ def k_cap(schedule: list[list[int]], batch_size: int, k_max: int) -> int:
     return k_max if not schedule else min(schedule[-1][2], k_max)
 
 
-class DraftWorkerProposer:
-    """vLLM ``custom_class`` proposer backed by specserve DraftWorker actors."""
+class VllmProposer:
+    """What every specserve proposer in vLLM's worker shares, behind vLLM's one ``propose()``.
+
+    One record per running request (:class:`_Row`, keyed by its history), its adaptive k priced by the
+    verification cost measured between calls, the per-request switch read from the attached runner, the
+    counters. Subclasses say where the drafts come from (``_draft``) and what to start after returning
+    them (``_after``).
+    """
 
     def __init__(self, vllm_config):
         spec = vllm_config.speculative_config
         self.k_max = int(spec.num_speculative_tokens)
         self.settings = ProposerSettings(**vllm_config.additional_config[CONFIG_KEY])
         self.drafter_cfg = DrafterConfig.model_validate(self.settings.drafter)
-        self.deadline_s = self.settings.deadline_ms / 1000.0
         self.active = _is_output_rank()
-        self.workers: list[_Worker] = []
-        if self.active and self.settings.local:
-            self.workers = [_Worker(LocalDrafter(self.drafter_cfg))]
-        elif self.active:
-            if not ray.is_initialized():
-                ray.init(address=self.settings.gcs_address, namespace=self.settings.namespace,
-                         logging_level=logging.WARNING, log_to_driver=False)
-            self.workers = [_Worker(ray.get_actor(name, namespace=self.settings.namespace))
-                            for name in self.settings.draft_workers]
         self.runner = None  # vLLM's model runner, attached by the host (actors.vllm_extension)
         self.rows: dict[bytes, _Row] = {}
-        self.pipelined: dict[bytes, tuple[object, int]] = {}  # bytes(h + d) -> (ref, index in that call)
         self.step = 0
-        self._next_worker = 0
         # Measured verification cost: the time from returning drafts to the next call is vLLM's step
         # over the tokens it verified (1 + drafts per row), so adaptive k learns what a draft token costs
         # on this machine at this batch size (and drafts nothing where that does not pay).
         self.verify_cost = VerifyCost(self.drafter_cfg.verify_cost_per_token)
+        # And whole steps: whether drafting at all pays at this batch size (what the per-token price misses).
+        self.switch = DraftingSwitch()
+        self._called_at: float | None = None  # when the previous call started (a step is call to call)
+        self._drafted = False  # the previous call returned drafts: the step that followed verified them
         self.batch_size = 1
         self._returned_at: float | None = None
         self._verified_tokens = 0  # tokens vLLM verifies after the last return (0: do not measure)
         # Counters, read by tests and the benchmark through ``stats()``.
-        self.counts = {"steps": 0, "calls": 0, "late": 0, "failed": 0, "pipelined_hits": 0,
+        self.counts = {"steps": 0, "plain_steps": 0, "calls": 0, "late": 0, "failed": 0, "pipelined_hits": 0,
                        "wait_s": 0.0}
 
     def load_model(self, *args, **kwargs) -> None:
-        """vLLM hands over the target model here; remote drafting needs none of it."""
+        """vLLM hands over the target model here; our drafters need none of it."""
 
     def stats(self) -> dict:
-        """Counters: steps, worker calls, late and failed calls, pipelined hits, time spent waiting; an in-process
-        drafter's own (a suffix drafter's cache size)."""
-        local = [w.handle.stats() for w in self.workers if isinstance(w.handle, LocalDrafter)]
-        return {**self.counts, **(local[0] if local else {})}
+        """Counters: steps, steps the switch kept plain, drafting calls, late and failed calls, pipelined hits,
+        time spent drafting."""
+        return dict(self.counts)
 
     # ------------------------------------------------------------------------------- the hook
 
@@ -215,15 +167,21 @@ class DraftWorkerProposer:
                 token_ids_cpu: np.ndarray, slot_mappings=None) -> list[list[int]]:
         """Draft tokens per running request (row i of the batch), or [] where there are none."""
         batch = len(sampled_token_ids)
-        if not self.active or not self.workers:
+        if not self.active or not self._can_draft():
             return [[] for _ in range(batch)]
         self.step += 1
         self.counts["steps"] += 1
         t0 = time.perf_counter()
         if self._verified_tokens and self._returned_at is not None:
             self.verify_cost.observe(self._verified_tokens, t0 - self._returned_at)
+        if self._called_at is not None:  # the step just done: its committed tokens over its whole time
+            self.switch.observe(self.batch_size, self._drafted, sum(map(len, sampled_token_ids)), t0 - self._called_at)
+        self._called_at = t0
         self.batch_size = batch
-        cap = k_cap(self.settings.k_per_batch_size, batch, self.k_max)
+        drafting = self.switch.draft(batch)
+        if not drafting:
+            self.counts["plain_steps"] += 1
+        cap = k_cap(self.settings.k_per_batch_size, batch, self.k_max) if drafting else 0
         histories: list[np.ndarray | None] = []
         rows: list[_Row | None] = []
         new_rows: dict[bytes, _Row] = {}
@@ -241,23 +199,33 @@ class DraftWorkerProposer:
         requests = self._requests(batch)
         ks = [min(r.strategy.next_k(), cap) if r is not None and not (q and q.plain) else 0
               for r, q in zip(rows, requests)]
-        local = self.workers[0].handle if self.settings.local and self.runner is not None else None
-        if local is not None:  # keyed by request: state ends with the request, not by guessing from histories
-            drafts = self._local_drafts(local, histories, requests, ks)
-        else:
-            drafts = self._drafts(histories, rows, ks)
+        drafts = self._draft(histories, rows, requests, ks)
         for row, d in zip(rows, drafts):
             if row is not None:
                 row.drafts = d
-        if self.settings.pipelining:
-            self._pipeline(histories, rows, drafts, ks)
+        self._after(histories, rows, drafts, ks)
         # Measure the next step only when every row continues a known one: a new request's prefill
         # would be counted as a verification of a few tokens.
         continuing = all(r is not None and r.steps > 1 for r in rows)
         self._verified_tokens = sum(1 + len(d) for d in drafts) if continuing else 0
+        self._drafted = any(drafts)
         self._returned_at = time.perf_counter()
         self.counts["wait_s"] += self._returned_at - t0
         return drafts
+
+    def _can_draft(self) -> bool:
+        return True
+
+    def _draft(self, histories: list, rows: list, requests: list, ks: list[int]) -> list[list[int]]:
+        """Drafts of up to ``ks[i]`` tokens per row (``[]`` for rows without a history or with k 0)."""
+        raise NotImplementedError
+
+    def _after(self, histories: list, rows: list, drafts: list[list[int]], ks: list[int]) -> None:
+        """Work to start once the drafts are returned, while vLLM verifies them (nothing by default)."""
+
+    def _new_row_worker(self) -> int:
+        """The draft worker a new request's rows go to (0 where there is one drafter)."""
+        return 0
 
     def _requests(self, batch: int) -> list[_RowRequest | None]:
         """Per row of the batch, its request as vLLM's runner holds it (None: no runner attached)."""
@@ -275,21 +243,6 @@ class DraftWorkerProposer:
                                    extra.get(SPECULATIVE_ARG) is False))
         return out + [None] * (batch - len(out))
 
-    def _local_drafts(self, local: LocalDrafter, histories: list, requests: list, ks: list[int]) -> list[list[int]]:
-        """The in-process drafter's drafts, its state keyed by vLLM's request ids (ended once vLLM drops them)."""
-        local.retire(self.runner.requests)
-        todo = [i for i, (h, q) in enumerate(zip(histories, requests)) if h is not None and q is not None
-                and not q.plain]
-        out: list[list[int]] = [[] for _ in histories]
-        if todo:
-            self.counts["calls"] += 1
-            found = local.propose_requests([(requests[i].req_id, requests[i].prompt_len, requests[i].tenant)
-                                            for i in todo], [histories[i].tolist() for i in todo],
-                                           [ks[i] for i in todo])
-            for i, d in zip(todo, found):
-                out[i] = d
-        return out
-
     def _row_for(self, h: np.ndarray, num_sampled: int) -> _Row:
         prev = self.rows.get(h[: len(h) - num_sampled].tobytes())
         if prev is not None:
@@ -297,12 +250,97 @@ class DraftWorkerProposer:
             prev.strategy.update(len(prev.drafts), min(num_sampled - 1, len(prev.drafts)))
             prev.steps += 1
             return prev
+        return _Row(self._new_row_worker(), make_strategy(self.drafter_cfg, self.settings.draft_cost_per_token,
+                                                          lambda: self.verify_cost.per_token(self.batch_size)))
+
+
+class VllmLocalProposer(VllmProposer):
+    """A model-free drafter (n-gram, suffix) in vLLM's worker process: no Ray, drafts at once.
+
+    With the model runner attached, drafter state is keyed by vLLM's request ids: a request's state
+    starts with its prompt (and its tenant's cache), and ends as soon as vLLM drops the request (a
+    suffix drafter's output then joins its cross-request cache at once). Without a runner (a proposer
+    built by hand) it is keyed by token history, as on a draft worker.
+    """
+
+    def __init__(self, vllm_config):
+        super().__init__(vllm_config)
+        from specserve.drafters import make_drafter
+        from specserve.drafters.history import HistoryDrafter
+
+        self.drafter = make_drafter(self.drafter_cfg, None)  # type: ignore[arg-type]
+        self.by_history = HistoryDrafter(self.drafter)
+        self.started: set[str] = set()  # request ids with drafter state
+
+    def stats(self) -> dict:
+        """The counters and the drafter's own (a suffix drafter's cache size)."""
+        own = getattr(self.drafter, "stats", None)
+        return {**self.counts, **(own() if own is not None else {})}
+
+    def _draft(self, histories: list, rows: list, requests: list, ks: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in histories]
+        if self.runner is not None:
+            self._retire(self.runner.requests)
+        todo = [i for i, (h, q, k) in enumerate(zip(histories, requests, ks))
+                if h is not None and (k > 0 or q is not None)]  # known requests commit even at k = 0
+        if not todo:
+            return out
+        self.counts["calls"] += 1
+        if self.runner is None:
+            found = self.by_history.propose_batch([histories[i].tolist() for i in todo], [ks[i] for i in todo])
+        else:
+            found = [self._propose_request(requests[i], histories[i].tolist(), ks[i]) for i in todo]
+        for i, d in zip(todo, found):
+            out[i] = d
+        return out
+
+    def _propose_request(self, req: _RowRequest, history: list[int], k: int) -> list[int]:
+        from specserve.drafters.history import GREEDY
+
+        if req.req_id not in self.started:
+            params = GREEDY.model_copy(update={"cache_tenant": req.tenant}) if req.tenant else GREEDY
+            self.drafter.start(req.req_id, history[: req.prompt_len], params)
+            self.started.add(req.req_id)
+        self.drafter.commit(req.req_id, history)
+        return [int(t) for t in self.drafter.propose(req.req_id, history, k).token_ids] if k > 0 else []
+
+    def _retire(self, live) -> None:
+        """End the state of every request vLLM no longer holds (``live``: its request ids)."""
+        for req_id in [r for r in self.started if r not in live]:
+            self.started.discard(req_id)
+            self.drafter.finish(req_id)
+
+
+class VllmRemoteProposer(VllmProposer):
+    """Drafts from specserve DraftWorker actors, one batch call per worker per step.
+
+    Each request's rows stay with one worker (its history-keyed state, a draft model's KV cache, is
+    reused); a late or failed call gives that worker's rows no drafts and the worker is skipped for
+    ``REATTACH_EVERY`` steps; with pipelining the block after each full draft is asked for at once.
+    """
+
+    def __init__(self, vllm_config):
+        super().__init__(vllm_config)
+        self.deadline_s = self.settings.deadline_ms / 1000.0
+        self.workers: list[_Worker] = []
+        if self.active:
+            if not ray.is_initialized():
+                ray.init(address=self.settings.gcs_address, namespace=self.settings.namespace,
+                         logging_level=logging.WARNING, log_to_driver=False)
+            self.workers = [_Worker(ray.get_actor(name, namespace=self.settings.namespace))
+                            for name in self.settings.draft_workers]
+        self.pipelined: dict[bytes, tuple[object, int]] = {}  # bytes(h + d) -> (ref, index in that call)
+        self._next_worker = 0
+
+    def _can_draft(self) -> bool:
+        return bool(self.workers)
+
+    def _new_row_worker(self) -> int:
         worker = self._next_worker % len(self.workers)
         self._next_worker += 1
-        return _Row(worker, make_strategy(self.drafter_cfg, self.settings.draft_cost_per_token,
-                                          lambda: self.verify_cost.per_token(self.batch_size)))
+        return worker
 
-    def _drafts(self, histories: list, rows: list, ks: list[int]) -> list[list[int]]:
+    def _draft(self, histories: list, rows: list, requests: list, ks: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in histories]
         todo: dict[int, list[int]] = {}  # worker -> rows still needing a draft
         pipelined = self.pipelined
@@ -329,8 +367,10 @@ class DraftWorkerProposer:
                     out[i] = d
         return out
 
-    def _pipeline(self, histories: list, rows: list, drafts: list[list[int]], ks: list[int]) -> None:
-        """Ask for the block after each full draft now, while vLLM verifies this one."""
+    def _after(self, histories: list, rows: list, drafts: list[list[int]], ks: list[int]) -> None:
+        """With pipelining: ask for the block after each full draft now, while vLLM verifies this one."""
+        if not self.settings.pipelining:
+            return
         todo: dict[int, list[np.ndarray]] = {}
         for h, row, d, k in zip(histories, rows, drafts, ks):
             if row is not None and d and len(d) == k:
@@ -343,12 +383,9 @@ class DraftWorkerProposer:
                 self.pipelined[g.tobytes()] = (ref, j)
 
     def _call(self, w: int, histories: list[list[int]], k: int | list[int]):
-        """Start worker ``w``'s batch call: a Ray reference, or the drafts themselves for a local drafter."""
+        """Start worker ``w``'s batch call (a Ray reference)."""
         self.counts["calls"] += 1
-        handle = self.workers[w].handle
-        if isinstance(handle, LocalDrafter):
-            return handle.propose_batch(histories, k)
-        return handle.propose_batch.remote(histories, k)
+        return self.workers[w].handle.propose_batch.remote(histories, k)
 
     def _usable(self, w: int) -> bool:
         worker = self.workers[w]
@@ -361,8 +398,6 @@ class DraftWorkerProposer:
 
     def _result(self, w: int, ref) -> list[list[int]] | None:
         """The call's drafts, or None when it is late or failed (the worker is then skipped a while)."""
-        if isinstance(ref, list):  # a local drafter's drafts
-            return ref
         worker = self.workers[w]
         try:
             return ray.get(ref, timeout=self.deadline_s)

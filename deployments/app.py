@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from actors.core import ReplicaCore
 from cluster.local import pin_serve_grpc_to_loopback
 from deployments.auth import APIKeyAuth, protect
 from deployments.config import AppConfig
@@ -75,7 +76,7 @@ class SpecServer:
             from actors.vllm_core import VllmCore as Core
         else:
             from actors.router import RouterCore as Core
-        self.core = Core(replica)
+        self.core: ReplicaCore = Core(replica)
         self.info = self.core.info
         self.model_name = self.config.serve.model_name
         from actors.metrics import error_counter

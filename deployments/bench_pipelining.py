@@ -12,7 +12,7 @@ from tqdm import tqdm
 def proposer_pipelining(args) -> int:
     """``specserve bench-pipelining``: the remote proposer's cost per step, pipelined or not.
 
-    Drives ``DraftWorkerProposer`` as vLLM's model runner does, against a real draft worker on a
+    Drives ``VllmRemoteProposer`` as vLLM's model runner does, against a real draft worker on a
     local Ray, with verification stood in for by a sleep of ``--verify-ms`` and every draft
     accepted (the case pipelining is for). Reports wall ms per step and the proposer's own wait.
     """
@@ -22,7 +22,7 @@ def proposer_pipelining(args) -> int:
     import ray
 
     from actors.draft_worker import DraftWorker
-    from actors.vllm_proposer import CONFIG_KEY, DraftWorkerProposer
+    from actors.vllm_proposer import CONFIG_KEY, VllmRemoteProposer
     from cluster.local import init_local_ray
     from specserve.config import ModelConfig
     from specserve.models import ModelInfo
@@ -40,7 +40,7 @@ def proposer_pipelining(args) -> int:
     for pipelining in (False, True):
         options = {"gcs_address": ctx.gcs_address, "namespace": ctx.namespace, "draft_workers": ["bench-pipelining"],
                    "drafter": drafter, "deadline_ms": 10000, "pipelining": pipelining}
-        proposer = DraftWorkerProposer(SimpleNamespace(
+        proposer = VllmRemoteProposer(SimpleNamespace(
             speculative_config=SimpleNamespace(num_speculative_tokens=args.k), additional_config={CONFIG_KEY: options}))
         history = list(prompt)
         sampled = [history[-1]]

@@ -3,8 +3,11 @@
 # Results and the commands' meaning: docs/drafter-training.md.
 #
 #   scripts/train_ablation.sh ablation   # 4 loss arms: train STEPS each + eval-drafter on held-out prompts
-#   scripts/train_ablation.sh default    # continue the 'all' arm to DEFAULT_STEPS, ship it as the default
+#   scripts/train_ablation.sh default    # continue the 'all' arm to DEFAULT_STEPS ($OUT/default/drafter.pt)
 #   scripts/train_ablation.sh bench      # specserve bench --drafter block vs plain decoding, one run
+#   scripts/train_ablation.sh all        # the three in turn
+#
+# The shipped drafter (specserve/assets/...) is replaced only when asked: SHIP=1 with 'default' or 'all'.
 #
 # Every job runs niced on one thread (the machine is shared); runs resume after an interruption.
 set -euo pipefail
@@ -21,7 +24,14 @@ EVAL=(--prompts sharegpt:10 --prompts prompts/code.jsonl --limit 10 --max-tokens
 run() { nice -n 10 "$PY" -m specserve.cli "$@"; }
 train() { run train-drafter --num-conversations "$CONV" --data-dir "$OUT/drafter-data" --threads 1 "$@"; }
 
-stage=${1:-all}
+stage=${1:-}
+if [[ ! $stage =~ ^(ablation|default|bench|all)$ ]]; then
+  echo "usage: scripts/train_ablation.sh ablation|default|bench|all (SHIP=1 replaces the shipped drafter)" >&2
+  exit 2
+fi
+SAVE_AS=()
+BENCH_DRAFTER=$OUT/default/drafter.pt
+if [[ ${SHIP:-0} == 1 ]]; then SAVE_AS=(--save-as "$ASSET"); BENCH_DRAFTER=$ASSET; fi
 if [[ $stage == ablation || $stage == all ]]; then
   for arm in uniform positional positional+focal all; do
     train --losses "$arm" --steps "$STEPS" --out "$OUT/ablation/$arm"
@@ -32,9 +42,9 @@ if [[ $stage == default || $stage == all ]]; then
   # Same config as the 'all' arm: train-drafter resumes its state and extends the run.
   mkdir -p "$OUT/default"
   [[ -f $OUT/default/state.pt ]] || cp "$OUT/ablation/all/state.pt" "$OUT/ablation/all/log.jsonl" "$OUT/default/"
-  train --losses all --steps "$DEFAULT_STEPS" --out "$OUT/default" --save-as "$ASSET"
+  train --losses all --steps "$DEFAULT_STEPS" --out "$OUT/default" "${SAVE_AS[@]}"
 fi
 if [[ $stage == bench || $stage == all ]]; then
-  run bench --drafter block --prompts sharegpt:10 --prompts prompts/code.jsonl --limit 10 --chat \
+  run bench --drafter "block:$BENCH_DRAFTER" --prompts sharegpt:10 --prompts prompts/code.jsonl --limit 10 --chat \
     --max-tokens 128 --dtype bf16 --threads 1 --no-peers --out "$OUT/bench-block"
 fi

@@ -147,12 +147,6 @@ def _add_module_commands(sub, module: str) -> None:
             parser.set_defaults(handler=mod.run)
 
 
-def _default_drafter(model: str = "default") -> str:
-    from specserve.drafters import default_drafter_spec
-
-    return default_drafter_spec(model)
-
-
 def _engine_config(args: argparse.Namespace, drafter_spec: str):
     from specserve.config import EngineConfig, ModelConfig, parse_drafter, validated
 
@@ -189,12 +183,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, emit) -> int:
     """``generate``; the JSON document goes to ``emit`` when given (--json), text to stdout otherwise."""
+    from specserve.drafters import DEFAULT_DRAFTER
     from specserve.engine import SpecEngine
 
     params = _sampling(args)
     if not args.prompt.strip():
         raise SpecServeError("prompt is empty: pass some text to continue", param="prompt")
-    cfg = _engine_config(args, args.drafter or _default_drafter(args.model))
+    cfg = _engine_config(args, args.drafter or DEFAULT_DRAFTER)
     log.info("generate: engine %s, model %s, drafter %s", cfg.model.engine, cfg.model.model, cfg.drafter.spec())
     if cfg.model.engine == "vllm":
         return _generate_vllm(args, cfg, params, emit)
@@ -256,13 +251,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.bench import BenchSpec, markdown_table, run_bench, tree_table
     from specserve.config import parse_drafter
     from specserve.data import load_prompts
+    from specserve.drafters import DEFAULT_DRAFTER
     from specserve.engine import SpecEngine
 
     params = _sampling(args)
     if args.engine == "vllm":
         raise SpecServeError("the in-process benchmark runs engine hf; measure engine vllm with "
                              "`specserve bench-serve --engine vllm`", param="engine")
-    specs = args.drafter or [_default_drafter(args.model)]
+    specs = args.drafter or [DEFAULT_DRAFTER]
     prompts = []
     for source in args.prompts:
         prompts += load_prompts(source)[: args.limit]

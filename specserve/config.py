@@ -294,6 +294,11 @@ class DrafterConfig(StrictModel):
             raise ValueError(f"vllm_method {self.vllm_method!r} needs a draft model directory in 'path'")
         return self
 
+    @property
+    def drafts(self) -> bool:
+        """False when this drafter never proposes (kind 'none' or k = 0): every step is plain decoding."""
+        return self.kind != "none" and self.num_speculative_tokens > 0
+
     def spec(self) -> str:
         """The compact CLI spelling of this drafter, e.g. ``draft_model:/models/tiny``."""
         return f"{self.kind}:{self.path}" if self.path else self.kind

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from specserve.config import DrafterConfig, EngineConfig, SamplingParams
+from specserve.cost import PassCost
 from specserve.drafters import Drafter, make_drafter
 from specserve.drafters.base import DraftBlock
 from specserve.models import LoadedModel, load_model
 from specserve.sequence import Sequence
 from specserve.stats import SpecStats
 from specserve.step import decode, run_sync
-from specserve.strategy import PassCost, make_strategy
+from specserve.strategy import make_strategy
 from specserve.target import StepRequest, StepResult, TreeStepRequest, Verifier
 from specserve.tree import DraftTree
 

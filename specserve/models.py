@@ -10,7 +10,6 @@ leaves a half-written model behind.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -253,43 +252,3 @@ def load_model(cfg: ModelConfig, **from_pretrained_kwargs: object) -> LoadedMode
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     """True when two tokenizers map text to the same ids (same vocabulary and special tokens)."""
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
-
-
-def make_tiny_model(
-    out_dir: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    seed: int = 0,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    max_position_embeddings: int = 2048,
-) -> Path:
-    """Write a randomly initialised tiny Llama with ``tokenizer`` to ``out_dir`` (for tests and demos)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    # A random init gives nearly flat logits; scaling the embeddings makes argmaxes well separated,
-    # so fp32 exactness tests are not decided by rounding ties.
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(8.0)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "specserve-tiny.json").write_text(json.dumps({"seed": seed}))
-    return out_dir

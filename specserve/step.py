@@ -25,17 +25,13 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from specserve.drafters.base import DraftBlock
+from specserve.drafters.base import NO_DRAFT, DraftBlock
 from specserve.sequence import Sequence
 from specserve.strategy import KStrategy
 from specserve.target import StepResult
 from specserve.tree import DraftTree
 
 T = TypeVar("T")
-
-#: The block proposed when drafting is off for a step (k = 0): plain decoding.
-NO_DRAFT = DraftBlock([])
-
 
 class Proposer(Protocol):
     """Something that drafts blocks for sequences."""

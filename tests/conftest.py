@@ -17,8 +17,10 @@ from cluster.local import use_loopback  # noqa: E402
 
 use_loopback()
 
+from tiny_models import make_tiny_model  # noqa: E402
+
 from specserve.config import ModelConfig  # noqa: E402
-from specserve.models import default_model_dir, load_model, make_tiny_model  # noqa: E402
+from specserve.models import default_model_dir, load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from actors.router import _Batcher
+from specserve.cost import VerifyCost
 from specserve.sampling import Verdict
-from specserve.strategy import VerifyCost
 from specserve.target import StepRequest, StepResult
 
 PASS_S = 0.2  # every pass of the stand-in group takes this long

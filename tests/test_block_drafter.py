@@ -11,6 +11,7 @@ from distribution import (
     shifted,
     two_token_distribution,
 )
+from tiny_models import make_tiny_model
 
 from specserve.config import DrafterConfig, ModelConfig, SamplingParams
 from specserve.drafters import make_drafter
@@ -24,7 +25,7 @@ from specserve.drafters.block import (
 )
 from specserve.engine import SpecEngine
 from specserve.errors import SpecServeError
-from specserve.models import load_model, make_tiny_model
+from specserve.models import load_model
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",

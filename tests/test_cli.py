@@ -130,10 +130,9 @@ def test_prompt_longer_than_the_context_is_refused(tiny_dir):
 
 
 def test_draft_model_with_another_tokenizer_is_refused(tiny_dir, tmp_path):
+    from tiny_models import make_tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from specserve.models import make_tiny_model
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world"])}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

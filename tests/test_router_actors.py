@@ -7,11 +7,12 @@ import asyncio
 import os
 
 import pytest
+from tiny_models import make_tiny_model
 
 from cluster.local import LocalCluster
 from specserve.config import DrafterConfig, ModelConfig, SamplingParams
 from specserve.engine import SpecEngine
-from specserve.models import load_model, make_tiny_model
+from specserve.models import load_model
 
 pytestmark = pytest.mark.ray
 

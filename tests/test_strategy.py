@@ -3,7 +3,8 @@
 import pytest
 
 from specserve.config import DrafterConfig
-from specserve.strategy import AdaptiveK, FixedK, PassCost, VerifyCost, make_strategy
+from specserve.cost import PassCost, VerifyCost
+from specserve.strategy import AdaptiveK, FixedK, make_strategy
 
 
 def feed(strategy: AdaptiveK, num_draft: int, num_accepted: int, times: int) -> None:
@@ -99,14 +100,14 @@ def test_a_request_can_turn_speculation_off():
 
 
 def test_pass_draft_length_keeps_drafts_that_all_sequences_share():
-    from specserve.strategy import pass_draft_length
+    from specserve.cost import pass_draft_length
 
     assert pass_draft_length([(6, 0.9)] * 8, ratio=0.03) == 6
 
 
 def test_pass_draft_length_cuts_one_long_draft_that_would_widen_a_big_pass():
     """Inputs are padded to the longest: one sequence drafting 6 among 15 plain ones makes all 16 rows 7 wide."""
-    from specserve.strategy import pass_draft_length
+    from specserve.cost import pass_draft_length
 
     drafts = [(6, 0.6)] + [(0, None)] * 15
     assert pass_draft_length(drafts, ratio=0.05) == 0
@@ -115,7 +116,7 @@ def test_pass_draft_length_cuts_one_long_draft_that_would_widen_a_big_pass():
 
 
 def test_pass_draft_length_never_cuts_below_an_uncuttable_draft():
-    from specserve.strategy import pass_draft_length
+    from specserve.cost import pass_draft_length
 
     drafts = [(6, 0.1), (3, None)] + [(0, None)] * 14
     assert pass_draft_length(drafts, ratio=0.05) == 3
@@ -178,3 +179,31 @@ def test_make_strategy_prices_steps_by_the_table_it_is_given():
     assert isinstance(strategy, AdaptiveK) and strategy.pass_cost is cost
     strategy.observe_pass(2, 0.1)
     assert len(cost.times[2]) == 4
+
+
+def test_the_drafting_switch_learns_per_batch_size_whether_drafting_pays():
+    from specserve.cost import DraftingSwitch
+
+    switch = DraftingSwitch(explore_every=10, min_steps=4, run=2)
+    assert all(switch.draft(3) for _ in range(50)), "below min_batch it always drafts"
+
+    def steps(batch: int, n: int, drafting_rate: float, plain_rate: float) -> list[bool]:
+        """``n`` steps at ``batch`` sequences whose committed tokens per second are the given rates."""
+        plan = []
+        for _ in range(n):
+            drafted = switch.draft(batch)
+            plan.append(drafted)
+            switch.observe(batch, drafted, tokens=batch * 2, seconds=batch * 2 / (drafting_rate if drafted else plain_rate))
+        return plan
+
+    learning = steps(16, 8, drafting_rate=100.0, plain_rate=150.0)
+    assert learning == [True, True, False, False] * 2  # both sides tried in runs until measured
+    assert switch.rate(16, True) == pytest.approx(100.0) and switch.rate(16, False) == pytest.approx(150.0)
+    later = steps(16, 40, drafting_rate=100.0, plain_rate=150.0)
+    assert sum(later) == 4, later  # plain wins at 16: drafting only tried one step in ten
+    # 32-63 sequences is another bucket: there drafting wins, so it drafts but for one step in ten.
+    steps(40, 8, drafting_rate=200.0, plain_rate=150.0)
+    assert sum(steps(40, 40, drafting_rate=200.0, plain_rate=150.0)) == 36
+    # The traffic changes at 16: drafting pays now, and the fading means follow within a few explorations.
+    flipped = steps(16, 400, drafting_rate=300.0, plain_rate=150.0)
+    assert sum(flipped[-50:]) == 45, flipped[-50:]  # drafting, but for one plain step in ten

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from actors.vllm_proposer import CONFIG_KEY, REATTACH_EVERY, DraftWorkerProposer
+from actors.vllm_proposer import CONFIG_KEY, REATTACH_EVERY, VllmLocalProposer, VllmRemoteProposer
 from specserve.config import DrafterConfig
 from specserve.drafters.ngram import lookup
 
@@ -40,10 +40,10 @@ def vllm_config(k: int, **options) -> SimpleNamespace:
                            additional_config={CONFIG_KEY: options})
 
 
-def make_proposer(ray, names: list[str], drafter: dict, k: int = 4, **settings) -> DraftWorkerProposer:
+def make_proposer(ray, names: list[str], drafter: dict, k: int = 4, **settings) -> VllmRemoteProposer:
     """The proposer of remote drafting, against the named draft workers."""
     ctx = ray.get_runtime_context()
-    return DraftWorkerProposer(vllm_config(k, gcs_address=ctx.gcs_address, namespace=ctx.namespace,
+    return VllmRemoteProposer(vllm_config(k, gcs_address=ctx.gcs_address, namespace=ctx.namespace,
                                            draft_workers=names, drafter=drafter, **settings))
 
 
@@ -91,7 +91,7 @@ def test_one_call_drafts_the_whole_batch_as_the_drafter_would(ray_local):
 
 
 def test_the_local_drafter_drafts_the_batch_in_process_as_the_drafter_would():
-    proposer = DraftWorkerProposer(vllm_config(4, drafter=NGRAM, local=True, pipelining=False))
+    proposer = VllmLocalProposer(vllm_config(4, drafter=NGRAM))
     batch = Batch(HISTORIES)
     assert batch.propose(proposer) == [lookup(h, 4, 1, 4) for h in HISTORIES]
     assert proposer.counts["failed"] == proposer.counts["late"] == 0
@@ -112,7 +112,7 @@ def rejecting_steps(proposer, batch: Batch, steps: int) -> list[list[list[int]]]
 @pytest.mark.parametrize("b_over_a, drafts_after", [(0.005, True), (0.5, False)], ids=["cheap", "dear"])
 def test_adaptive_k_drafts_only_where_the_measured_verification_cost_lets_it_pay(b_over_a, drafts_after):
     adaptive = DrafterConfig(kind="ngram", num_speculative_tokens=4).model_dump(mode="json")
-    proposer = DraftWorkerProposer(vllm_config(4, drafter=adaptive, local=True, pipelining=False))
+    proposer = VllmLocalProposer(vllm_config(4, drafter=adaptive))
     # What the proposer would time between calls: passes of 1-8 tokens at a + b * tokens seconds.
     for tokens in list(range(1, 9)) * 3:
         proposer.verify_cost.observe(tokens, 0.1 + 0.1 * b_over_a * tokens)

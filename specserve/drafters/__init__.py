@@ -20,7 +20,7 @@ def make_drafter(cfg: DrafterConfig, target: LoadedModel) -> Drafter:
         if target is not None:  # model-free drafters on actors get no target: their host checks the budget
             check_budget(cfg.tree, target.max_context)
         return TreeDrafter(make_drafter(cfg.model_copy(update={"tree": TreeConfig()}), target), cfg.tree)
-    if cfg.kind == "none" or cfg.num_speculative_tokens == 0:
+    if not cfg.drafts:
         from specserve.drafters.none import NoDrafter
 
         return NoDrafter()
@@ -70,10 +70,7 @@ def _dtype_name(target: LoadedModel) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[target.dtype]
 
 
-def default_drafter_spec(model: str = "default") -> str:
-    """The drafter used when none is named: n-gram prompt lookup.
-
-    The shipped block drafter (``block`` / ``hybrid`` with no path) is an option, not the default,
-    until a `specserve bench` run shows the hybrid beating n-gram lookup (docs/drafter-training.md).
-    """
-    return "ngram"
+#: The drafter used when none is named: n-gram prompt lookup. The shipped block drafter (``block`` /
+#: ``hybrid`` with no path) is an option, not the default, until a `specserve bench` run shows it beating
+#: n-gram lookup (docs/drafter-training.md).
+DEFAULT_DRAFTER = "ngram"

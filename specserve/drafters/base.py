@@ -29,6 +29,11 @@ class DraftBlock:
         return DraftBlock(self.token_ids[:n], self.probs[:n] if self.probs is not None else None)
 
 
+#: The one empty proposal: drafting off for a step (k = 0, drafter 'none', a request that turned speculation
+#: off), so the step is plain decoding. Never mutated.
+NO_DRAFT = DraftBlock([])
+
+
 class Drafter:
     """Base class. Subclasses implement ``propose`` and usually ``start``/``commit``/``finish``."""
 

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from specserve.config import SamplingParams, TreeConfig
-from specserve.drafters.base import DraftBlock, Drafter, common_prefix_len
+from specserve.drafters.base import NO_DRAFT, DraftBlock, Drafter, common_prefix_len
 from specserve.models import LoadedModel
 from specserve.sampling import logits_to_probs, make_generator, sample
 from specserve.tree import ROOT, DraftTree, additive_mask, ancestor_matrix, prune
@@ -57,7 +57,7 @@ class DraftModelDrafter(Drafter):
     def propose(self, seq_id: str, token_ids: list[int], k: int) -> DraftBlock:
         state = self.states[seq_id]
         if k <= 0:
-            return DraftBlock([])
+            return NO_DRAFT
         self._rollback(state, token_ids)
         pending = token_ids[len(state.cached_ids) :]
         tokens: list[int] = []

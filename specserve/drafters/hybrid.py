@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from specserve.config import SamplingParams
-from specserve.drafters.base import DraftBlock, Drafter, common_prefix_len
+from specserve.cost import rate
+from specserve.drafters.base import NO_DRAFT, DraftBlock, Drafter, common_prefix_len
 from specserve.drafters.block import BlockDrafter
 from specserve.drafters.ngram import lookup
 
@@ -89,14 +90,15 @@ class HybridDrafter(Drafter):
         """'ngram' or 'block': the larger expected tokens per step cost (accepted + 1 over cost)."""
         if not has_match:
             return "block"
-        ngram_rate = 1.0 + state.ngram.mean
-        block_rate = (1.0 + state.block.mean) / (1.0 + self.block_pass_cost)
+        # An n-gram lookup costs nothing beside verification; a block costs a drafting pass (specserve.cost).
+        ngram_rate = rate(1.0 + state.ngram.mean, 1.0)
+        block_rate = rate(1.0 + state.block.mean, 1.0 + self.block_pass_cost)
         return "ngram" if ngram_rate >= block_rate else "block"
 
     def propose(self, seq_id: str, token_ids: list[int], k: int) -> DraftBlock:
         state = self.states[seq_id]
         if k <= 0:
-            return DraftBlock([])
+            return NO_DRAFT
         found = lookup(token_ids[-self.window:], k, self.ngram_min, self.ngram_max)
         source = self.choose(state, bool(found))
         draft = DraftBlock(found) if source == "ngram" else self.block.propose(seq_id, token_ids, k)

@@ -6,7 +6,7 @@ baseline all benchmarks compare against.
 
 from __future__ import annotations
 
-from specserve.drafters.base import DraftBlock, Drafter
+from specserve.drafters.base import NO_DRAFT, DraftBlock, Drafter
 
 
 class NoDrafter(Drafter):
@@ -15,4 +15,4 @@ class NoDrafter(Drafter):
     name = "none"
 
     def propose(self, seq_id: str, token_ids: list[int], k: int) -> DraftBlock:
-        return DraftBlock([])
+        return NO_DRAFT

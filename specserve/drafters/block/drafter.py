@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from specserve.config import DrafterConfig, SamplingParams
-from specserve.drafters.base import DraftBlock, Drafter
+from specserve.drafters.base import NO_DRAFT, DraftBlock, Drafter
 from specserve.drafters.block.ckpt import default_checkpoint, load_model_from_checkpoint
 from specserve.drafters.block.net import BlockDrafterModel
 from specserve.errors import SpecServeError
@@ -87,7 +87,7 @@ class BlockDrafter(Drafter):
         state = self.states[seq_id]
         k = min(k, self.block_size)
         if k <= 0:
-            return DraftBlock([])
+            return NO_DRAFT
         logits = self._block_logits(state, seq_id, token_ids, k)  # [k, draft vocab]
         if state.params.greedy:
             return DraftBlock(self.model.to_target_ids(logits.argmax(-1)).tolist())
