@@ -174,14 +174,9 @@ class VllmProposer:
         t0 = time.perf_counter()
         if self._verified_tokens and self._returned_at is not None:
             self.verify_cost.observe(self._verified_tokens, t0 - self._returned_at)
-        if self._called_at is not None:  # the step just done: its committed tokens over its whole time
-            self.switch.observe(self.batch_size, self._drafted, sum(map(len, sampled_token_ids)), t0 - self._called_at)
+        step_s = t0 - self._called_at if self._called_at is not None else 0.0
         self._called_at = t0
-        self.batch_size = batch
-        drafting = self.switch.draft(batch)
-        if not drafting:
-            self.counts["plain_steps"] += 1
-        cap = k_cap(self.settings.k_per_batch_size, batch, self.k_max) if drafting else 0
+        previous_batch, self.batch_size = self.batch_size, batch
         histories: list[np.ndarray | None] = []
         rows: list[_Row | None] = []
         new_rows: dict[bytes, _Row] = {}
@@ -196,6 +191,15 @@ class VllmProposer:
             rows.append(row)
             new_rows[h.tobytes()] = row
         self.rows = new_rows
+        # The step just done, timed call to call, if no request's prefill ran in it (a prefill's time is
+        # not a decode step's): its committed tokens per second, drafting or plain, for the switch.
+        prefill_free = all(r is not None and r.steps > 1 for r in rows)
+        if step_s > 0 and prefill_free:
+            self.switch.observe(previous_batch, self._drafted, sum(map(len, sampled_token_ids)), step_s)
+        drafting = self.switch.draft(batch)
+        if not drafting:
+            self.counts["plain_steps"] += 1
+        cap = k_cap(self.settings.k_per_batch_size, batch, self.k_max) if drafting else 0
         requests = self._requests(batch)
         ks = [min(r.strategy.next_k(), cap) if r is not None and not (q and q.plain) else 0
               for r, q in zip(rows, requests)]
@@ -206,8 +210,7 @@ class VllmProposer:
         self._after(histories, rows, drafts, ks)
         # Measure the next step only when every row continues a known one: a new request's prefill
         # would be counted as a verification of a few tokens.
-        continuing = all(r is not None and r.steps > 1 for r in rows)
-        self._verified_tokens = sum(1 + len(d) for d in drafts) if continuing else 0
+        self._verified_tokens = sum(1 + len(d) for d in drafts) if prefill_free else 0
         self._drafted = any(drafts)
         self._returned_at = time.perf_counter()
         self.counts["wait_s"] += self._returned_at - t0

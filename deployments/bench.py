@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -290,6 +291,9 @@ def _write(results: dict, out: Path) -> None:
 
 def run(args) -> int:
     """Entry point of ``specserve bench-serve``."""
+    # A SIGTERM (a job runner stopping the run) ends it as an exception does: the server under test is
+    # stopped on the way out instead of left running to skew every later measurement.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from specserve.config import ModelConfig
     from specserve.data import load_prompts
     from specserve.models import ModelInfo, resolve_dtype

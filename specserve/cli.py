@@ -125,9 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     for module in ("specserve.training.cli", "specserve.dashboards", "deployments.bench",
                    "deployments.bench_agreement", "deployments.bench_pipelining"):
         _add_module_commands(sub, module)
+    if "distill-drafter" in sub.choices:  # its --workers runs on Ray Train (actors.train_workers)
+        sub.choices["distill-drafter"].set_defaults(ray_train=_run_ray_train)
     for command in sub.choices.values():  # `specserve generate -v ...` as well as `specserve -v generate ...`
         _log_args(command, defaults=False)
     return parser
+
+
+def _run_ray_train(*args, **kwargs):
+    """``actors.train_workers.run_ray_train``, imported when a distillation asks for Ray Train workers."""
+    from actors.train_workers import run_ray_train
+
+    return run_ray_train(*args, **kwargs)
 
 
 def _add_module_commands(sub, module: str) -> None:

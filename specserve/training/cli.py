@@ -178,10 +178,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise SpecServeError("--workers must be >= 0", param="workers")
     if args.workers:
-        from actors.train_workers import run_ray_train
-
-        last = run_ray_train(cfg, num_workers=args.workers, use_gpu=args.use_gpu,
-                             cpus_per_worker=args.cpus_per_worker, address=args.ray_address, storage=args.storage)
+        # Ray Train runs from the actors layer, above this Ray-free package: the top-level CLI
+        # (specserve.cli) hands its runner in as the ``ray_train`` default.
+        ray_train = getattr(args, "ray_train", None)
+        if ray_train is None:
+            raise SpecServeError("--workers needs Ray Train, which `specserve distill-drafter` provides; "
+                                 "run it through the specserve command", param="workers")
+        last = ray_train(cfg, num_workers=args.workers, use_gpu=args.use_gpu,
+                         cpus_per_worker=args.cpus_per_worker, address=args.ray_address, storage=args.storage)
     else:
         from specserve.training.distill import distill
 
