@@ -260,6 +260,7 @@ class VllmCore(ReplicaCore):
         settings = {
             "drafter": cfg.drafter.model_dump(mode="json"),
             "k_per_batch_size": [list(r) for r in cfg.model.vllm.k_per_batch_size or []],
+            "drafting_switch": cfg.model.vllm.drafting_switch,
         }
         if not self.remote_drafting:  # the local n-gram drafter: free, nothing to overlap
             return {**settings, "pipelining": False}

@@ -25,8 +25,8 @@ drafter's per-tenant cache). Both share ``VllmProposer``: rows, adaptive k, the 
   is reused) and its adaptive k (``specserve.strategy``), learned from how much of the
   previous draft the new history accepted.
 - **Load-aware k.** The measured cost is fitted over passes of every batch size, so adaptive
-  k drafts less as the batch grows and a verified token costs more; and whole steps are timed
-  (``specserve.cost.DraftingSwitch``): per batch-size bucket, committed tokens per second of
+  k drafts less as the batch grows and a verified token costs more; with ``drafting_switch`` whole
+  steps are timed too (``specserve.cost.DraftingSwitch``): per batch-size bucket, committed tokens per second of
   steps that verified drafts against steps that drafted nothing, so drafting stops at the batch
   sizes where it loses on this machine, whatever the per-token price says. ``k_per_batch_size``
   (optional) adds a fixed cap by running batch size (the same schedule is vLLM's
@@ -83,6 +83,7 @@ class ProposerSettings:
     deadline_ms: float = 200.0
     pipelining: bool = True
     k_per_batch_size: list[list[int]] = field(default_factory=list)  # [[lo, hi, k], ...]; empty = no cap
+    drafting_switch: bool = False  # time whole steps and draft only at batch sizes where that pays
 
 
 @dataclass
@@ -143,7 +144,7 @@ class VllmProposer:
         # on this machine at this batch size (and drafts nothing where that does not pay).
         self.verify_cost = VerifyCost(self.drafter_cfg.verify_cost_per_token)
         # And whole steps: whether drafting at all pays at this batch size (what the per-token price misses).
-        self.switch = DraftingSwitch()
+        self.switch = DraftingSwitch() if self.settings.drafting_switch else None
         self._called_at: float | None = None  # when the previous call started (a step is call to call)
         self._drafted = False  # the previous call returned drafts: the step that followed verified them
         self.batch_size = 1
@@ -194,9 +195,9 @@ class VllmProposer:
         # The step just done, timed call to call, if no request's prefill ran in it (a prefill's time is
         # not a decode step's): its committed tokens per second, drafting or plain, for the switch.
         prefill_free = all(r is not None and r.steps > 1 for r in rows)
-        if step_s > 0 and prefill_free:
+        if self.switch is not None and step_s > 0 and prefill_free:
             self.switch.observe(previous_batch, self._drafted, sum(map(len, sampled_token_ids)), step_s)
-        drafting = self.switch.draft(batch)
+        drafting = self.switch.draft(batch) if self.switch is not None else True
         if not drafting:
             self.counts["plain_steps"] += 1
         cap = k_cap(self.settings.k_per_batch_size, batch, self.k_max) if drafting else 0

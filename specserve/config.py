@@ -136,6 +136,13 @@ class VllmEngineConfig(StrictModel):
         description="Remote drafting: draft step t+1 while vLLM verifies step t, assuming full acceptance. "
         "None: only for drafters with a cost (draft models), not for free n-gram lookup.",
     )
+    drafting_switch: bool = Field(
+        False,
+        description="Our proposers (remote, local): from 4 sequences up, time whole engine steps per batch-size "
+        "bucket and draft only where steps that verified drafts commit more tokens per second than steps that "
+        "drafted nothing (specserve.cost.DraftingSwitch). Off by default: one measured run did not show a "
+        "gain over adaptive k alone (docs/benchmarks.md, section 4).",
+    )
 
     @field_validator("k_per_batch_size")
     @classmethod

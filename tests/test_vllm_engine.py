@@ -117,6 +117,34 @@ def reference(ray_local, loop, prompts):
         core.shutdown()
 
 
+#: Below this top-2 logit margin of the fp32 target at the first difference, two exact decoders may disagree.
+NEAR_TIE = 1e-3
+
+
+def assert_plain_outputs(outputs: list[list[int]], reference: list[list[int]], prompts: list[list[int]],
+                         real_target) -> None:
+    """Each output equals plain vLLM's, or first differs where the fp32 target has a near-tie.
+
+    A pass over several tokens rounds differently from a pass over one, so at a near-tie (the two likeliest
+    tokens' logits within ``NEAR_TIE``, measured with transformers) greedy speculative and plain decoding may
+    pick different tokens: numerics, not the algorithm. Any other difference fails.
+    """
+    import torch
+
+    assert len(outputs) == len(reference)
+    for out, ref, ids in zip(outputs, reference, prompts):
+        if out == ref:
+            continue
+        i = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
+        assert i < min(len(out), len(ref)), f"lengths differ without a differing token: {len(out)} vs {len(ref)}"
+        with torch.inference_mode():
+            logits = real_target.model(torch.tensor([ids + ref[:i]])).logits[0, -1].float()
+        top = torch.topk(logits, 2)
+        margin = float(top.values[0] - top.values[1])
+        assert {out[i], ref[i]} == set(top.indices.tolist()) and margin < NEAR_TIE, \
+            f"output differs from plain at token {i} ({out[i]} vs {ref[i]}), top-2 margin {margin:.2e}"
+
+
 @pytest.fixture(scope="module")
 def ngram_core(ray_local, loop, reference):
     core = start_core(loop, replica({"kind": "ngram", "num_speculative_tokens": 4}, draft_deadline_ms=2000))
@@ -124,9 +152,9 @@ def ngram_core(ray_local, loop, reference):
     core.shutdown()
 
 
-def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts, reference):
+def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts, reference, real_target):
     results = run_all(loop, ngram_core, prompts)
-    assert [tokens for tokens, _ in results] == reference
+    assert_plain_outputs([tokens for tokens, _ in results], reference, prompts, real_target)
     stats = [last.stats for _, last in results]
     assert sum(s["num_drafts"] for s in stats) > 0, "nothing was drafted: the test would not exercise verification"
     assert sum(s["num_accepted_tokens"] for s in stats) > 0
@@ -134,7 +162,8 @@ def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts
     assert loop.run_until_complete(ngram_core.refresh_proposer_stats()).get("failed", 0) == 0
 
 
-def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference):
+def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference,
+                                                                            real_target):
     # Our n-gram in vLLM's worker, adaptive k from the verification cost it measures. The 3 short prompts
     # run a second time in the same batch with "speculative": false: plain decoding, same tokens.
     plain = GREEDY.model_copy(update={"speculative": False})
@@ -142,7 +171,7 @@ def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(lo
                                                       "num_speculative_tokens": 4}),
                                        prompts + prompts[:3], [GREEDY] * len(prompts) + [plain] * 3)
     assert workers == 0, "local drafting starts no draft worker"
-    assert [tokens for tokens, _ in results] == reference + reference[:3]
+    assert_plain_outputs([tokens for tokens, _ in results], reference + reference[:3], prompts + prompts[:3], real_target)
     assert sum(last.stats["num_accepted_tokens"] for _, last in results[: len(prompts)]) > 0
     assert sum(last.stats["num_draft_tokens"] for _, last in results[:3]) > 0, "the speculative twins drafted"
     assert [last.stats["num_draft_tokens"] for _, last in results[len(prompts):]] == [0, 0, 0]
@@ -150,7 +179,7 @@ def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(lo
 
 
 def test_the_local_suffix_drafter_inside_vllm_is_exact_and_learns_across_requests_per_tenant(loop, ray_local, prompts,
-                                                                                              reference):
+                                                                                              reference, real_target):
     # Our suffix drafter in vLLM's worker, keyed by vLLM's request ids: a request's output joins the
     # replica's cross-request cache as soon as vLLM drops it. The same prompts a second time draft their
     # answers from the cache; a tenant's requests (an API key's) read only that tenant's cache.
@@ -162,9 +191,9 @@ def test_the_local_suffix_drafter_inside_vllm_is_exact_and_learns_across_request
         stats = loop.run_until_complete(core.refresh_proposer_stats())
     finally:
         core.shutdown()
-    assert [tokens for tokens, _ in cold] == reference
-    assert [tokens for tokens, _ in warm] == reference
-    assert [tokens for tokens, _ in tenant] == reference[:3]
+    assert_plain_outputs([tokens for tokens, _ in cold], reference, prompts, real_target)
+    assert_plain_outputs([tokens for tokens, _ in warm], reference, prompts, real_target)
+    assert_plain_outputs([tokens for tokens, _ in tenant], reference[:3], prompts[:3], real_target)
 
     def accepted(results) -> int:
         return sum(last.stats["num_accepted_tokens"] for _, last in results)
@@ -177,13 +206,13 @@ def test_the_local_suffix_drafter_inside_vllm_is_exact_and_learns_across_request
 
 
 def test_a_draft_model_on_its_own_actor_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference,
-                                                                       tiny_draft_dir):
+                                                                       tiny_draft_dir, real_target):
     # A tiny random draft model with the real tokenizer: mostly rejected, so every step exercises
     # rollback of the draft worker's history-keyed KV cache. A fixed k keeps it drafting.
     results, stats, _ = run_once(loop, replica({"kind": "draft_model", "path": str(tiny_draft_dir),
                                                 "adaptive_k": False, "num_speculative_tokens": 3},
                                                draft_deadline_ms=5000, pipelining=True), prompts)
-    assert [tokens for tokens, _ in results] == reference
+    assert_plain_outputs([tokens for tokens, _ in results], reference, prompts, real_target)
     assert sum(last.stats["num_draft_tokens"] for _, last in results) > 0
     assert stats.get("calls", 0) > 0 and stats.get("failed", 0) == 0
 
@@ -241,7 +270,7 @@ def test_sampling_through_vllm_with_the_remote_proposer_keeps_the_target_distrib
     assert chi_square_p_value(counts, shifted(expected, 0.10), n) < 1e-3
 
 
-def test_a_draft_worker_killed_under_8_streams_costs_no_request(loop, ngram_core, prompts, reference):
+def test_a_draft_worker_killed_under_8_streams_costs_no_request(loop, ngram_core, prompts, reference, real_target):
     eight = (prompts * 3)[:8]
     worker = ngram_core.workers[0]
 
@@ -253,7 +282,7 @@ def test_a_draft_worker_killed_under_8_streams_costs_no_request(loop, ngram_core
         return await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
 
     results = loop.run_until_complete(body())
-    assert [tokens for tokens, _ in results] == (reference * 3)[:8]
+    assert_plain_outputs([tokens for tokens, _ in results], (reference * 3)[:8], (prompts * 3)[:8], real_target)
     assert all(last.finish_reason in ("stop", "length") for _, last in results)
 
 
