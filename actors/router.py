@@ -1,10 +1,11 @@
 """The router: owns request state and runs the core's decode loop with each piece on its actor.
 
-Per request it runs :func:`specserve.step.decode` with a :class:`RemoteProposer` (a draft
-worker), or the router's own :class:`specserve.engine.LocalProposer` for model-free drafters
-(``topology.draft_placement``), and a :class:`GroupVerifier` (a target group). Verification
-requests of many sequences on one target group are batched into one forward pass by
-:class:`_Batcher`, which waits briefly for members whose blocks are still on the way.
+Per request it runs :func:`specserve.step.decode` with a
+:class:`actors.remote_proposer.RemoteProposer` (a draft worker), or the router's own
+:class:`specserve.engine.LocalProposer` for model-free drafters (``topology.draft_placement``),
+and a :class:`GroupVerifier` (a target group). Verification requests of many sequences on one
+target group are batched into one forward pass by :class:`actors.batcher.Batcher`, which waits
+briefly for members whose blocks are still on the way.
 With pipelining, while block B is being verified the draft worker already drafts the block
 after B assuming B is fully accepted; if verification accepts all of B and the target's
 bonus token equals that block's first token, the rest of it is the next draft, ready
@@ -27,19 +28,21 @@ from dataclasses import dataclass
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 
+from actors.batcher import Batcher
 from actors.config import ReplicaConfig
 from actors.core import ReplicaCore, least_loaded, pipelining_pays
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
+from actors.remote_proposer import NoDraft, RemoteProposer
 from actors.streaming import RequestStream
 from actors.target_worker import TargetGroup
 from cluster.placement import actor_options
 from specserve.config import SamplingParams
-from specserve.cost import VerifyCost, pass_draft_length
+from specserve.cost import VerifyCost
 from specserve.drafters import make_drafter
-from specserve.drafters.base import NO_DRAFT, DraftBlock
+from specserve.drafters.base import DraftBlock
 from specserve.engine import LocalProposer
 from specserve.errors import TargetFailed
 from specserve.models import ModelInfo
@@ -48,237 +51,9 @@ from specserve.sequence import Sequence
 from specserve.step import Proposer, decode
 from specserve.strategy import AdaptiveK, KStrategy, make_strategy
 from specserve.target import StepRequest, StepResult, TreeStepRequest
-from specserve.tree import DraftTree, below, check_budget
+from specserve.tree import DraftTree, check_budget
 
 log = logging.getLogger("specserve.router")
-
-#: After a draft worker failure, a sequence retries drafting every this many plain steps.
-REATTACH_EVERY = 8
-
-
-@dataclass
-class _Pending:
-    req: StepRequest | TreeStepRequest
-    future: asyncio.Future
-    generation: int  # the group's generation when submitted: its KV caches live only in that generation
-    alpha: float | None = None  # the sequence's acceptance estimate when its draft may be cut (see pass_draft_length)
-
-
-class _Batcher:
-    """Collects verification requests for one target group and runs them as batched passes.
-
-    The loop never dies: a failed pass fails its requests (and everything queued for the same,
-    now broken, generation of the group) with ``TargetFailed``; later requests run on the
-    rebuilt group.
-    """
-
-    def __init__(self, group: TargetGroup, max_batch: int, on_failure, cost: VerifyCost, metrics: RouterMetrics,
-                 wait_fraction: float = 0.0):
-        self.group = group
-        self.metrics = metrics
-        self.cost = cost
-        self.max_batch = max_batch
-        self.wait_fraction = wait_fraction
-        self.members: set[str] = set()  # sequences decoding on this group: each will submit one block per step
-        self.pass_s = 0.0  # running mean of a pass's duration: bounds the wait for late members
-        self.queue: list[_Pending] = []
-        self.wakeup = asyncio.Event()
-        self.on_failure = on_failure
-        self.task = asyncio.get_running_loop().create_task(self._loop())
-
-    def join(self, seq_id: str) -> None:
-        """``seq_id`` prefilled on this group and will submit a block every step until it leaves."""
-        self.members.add(seq_id)
-
-    def leave(self, seq_id: str) -> None:
-        """``seq_id`` finished (or failed): passes stop waiting for it."""
-        self.members.discard(seq_id)
-        self.wakeup.set()
-
-    def submit(self, req: StepRequest | TreeStepRequest, alpha: float | None = None) -> asyncio.Future:
-        """Queue ``req`` for the next pass; with ``alpha``, its draft may be cut to the pass's best length."""
-        fut = asyncio.get_running_loop().create_future()
-        self.queue.append(_Pending(req, fut, self.group.generation, alpha))
-        self.wakeup.set()
-        return fut
-
-    def _cut_drafts(self, batch: list[_Pending]) -> dict[int, int]:
-        """Cut drafts to the pass's best common length (inputs are padded to the longest); {index: verified}."""
-        if len(batch) < 2:
-            return {}
-        drafts = [(_num_inputs(p.req) - 1, p.alpha if isinstance(p.req, StepRequest) else None) for p in batch]
-        length = pass_draft_length(drafts, self.cost.ratio())
-        cut = {}
-        for i, p in enumerate(batch):
-            req = p.req
-            if isinstance(req, StepRequest) and p.alpha is not None and len(req.draft_tokens) > length:
-                probs = req.draft_probs[:length] if req.draft_probs is not None else None
-                p.req = StepRequest(req.seq_id, req.last_id, list(req.draft_tokens[:length]), probs)
-                cut[i] = length
-        return cut
-
-    async def _gather(self) -> None:
-        """Wait (boundedly) until every member's block is queued, so one step of all of them is one pass.
-
-        A member is late when its draft is still on the way from a draft worker or its client is slow
-        to take its last chunk; a pass that left it behind would be followed by a second, nearly empty
-        one. The wait ends at ``wait_fraction`` of the mean pass time: a member slower than that joins
-        the next pass.
-        """
-        if self.wait_fraction <= 0 or self.pass_s <= 0:
-            return
-        deadline = time.perf_counter() + self.wait_fraction * self.pass_s
-        while len(self.queue) < self.max_batch:
-            queued = {p.req.seq_id for p in self.queue}
-            if not self.members - queued:
-                return
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                return
-            self.wakeup.clear()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), left)
-            except TimeoutError:
-                return
-
-    @staticmethod
-    def _fail(pending: list[_Pending], message: str) -> None:
-        for p in pending:
-            if not p.future.done():
-                p.future.set_exception(TargetFailed(message))
-
-    async def _loop(self) -> None:
-        while True:
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            while self.queue:
-                # Let sequences whose drafts just arrived join this pass, and wait briefly for late ones.
-                await asyncio.sleep(0)
-                await self._gather()
-                stale = [p for p in self.queue if p.generation != self.group.generation or not self.group.ranks]
-                if stale:
-                    self._fail(stale, "target group failed during this request")
-                    self.queue = [p for p in self.queue if p not in stale]
-                    continue
-                batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
-                cut = self._cut_drafts(batch)
-                t0 = time.perf_counter()
-                try:
-                    results = await self.group.step_batch([p.req for p in batch])
-                except Exception as e:  # noqa: BLE001 - whatever broke the pass, the loop must live on
-                    self._fail(batch, f"target worker failed during generation: {e}")
-                    if isinstance(e, RayActorError):  # a rank died: the process group is broken
-                        self._fail(self.queue, "target group failed during this request")
-                        self.queue = []
-                        await self.on_failure(self.group)
-                    continue
-                seconds = time.perf_counter() - t0
-                self.metrics.verify_pass(len(batch))
-                # Rows are padded to the longest input: the pass computes batch x widest tokens.
-                self.cost.observe(len(batch) * max(_num_inputs(p.req) for p in batch), seconds)
-                self.pass_s = seconds if self.pass_s <= 0 else 0.9 * self.pass_s + 0.1 * seconds
-                for i, (p, r) in enumerate(zip(batch, results)):
-                    if i in cut:
-                        r.num_verified = cut[i]
-                    if not p.future.done():
-                        p.future.set_result(r)
-
-
-def _num_inputs(req: StepRequest | TreeStepRequest) -> int:
-    """Tokens a request feeds the target's pass: the newest token and its draft (chain or tree nodes)."""
-    return 1 + (len(req.tree) if isinstance(req, TreeStepRequest) else len(req.draft_tokens))
-
-
-class RemoteProposer:
-    """A draft worker as a :class:`specserve.step.Proposer` for one request.
-
-    One actor hop per block: the worker learns what was committed and proposes in the same
-    call. A failed call turns the request to plain decoding; it re-attaches every
-    ``REATTACH_EVERY`` steps (not for drafters that need target features it has lost).
-    With ``pipelining``, ``speculate`` drafts the next block during verification.
-    """
-
-    def __init__(self, worker, params: dict, metrics: RouterMetrics, *, pipelining: bool, needs_features: bool):
-        self.worker = worker
-        self.params = params
-        self.metrics = metrics
-        self.pipelining = pipelining
-        self.needs_features = needs_features
-        self.attached = False
-        self.plain_steps = 0
-        self.pending_hidden: list[torch.Tensor] = []
-        self.last_k = 0
-        self.speculative = None  # ObjectRef of a block drafted assuming the one in verification is all accepted
-        self.ready: tuple[object, int] | None = None  # (that ref, the bonus token it must start with)
-
-    async def start(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
-        await self._attach(seq, target_hidden)
-
-    async def _attach(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
-        try:
-            await self.worker.start.remote(seq.seq_id, seq.all_ids, self.params, target_hidden)
-            self.attached = True
-        except RayError:
-            self.metrics.draft_failure()
-            self.attached = False
-
-    async def propose(self, seq: Sequence, k: int) -> DraftBlock | DraftTree:
-        self.last_k = k
-        if self.ready is not None:
-            block = await self._take_pipelined(seq)
-            if block is not None:
-                return block
-        if not self.attached:
-            self.plain_steps += 1
-            if self.needs_features or self.plain_steps % REATTACH_EVERY:
-                return NO_DRAFT
-            await self._attach(seq, None)
-            if not self.attached:
-                return NO_DRAFT
-        hidden = torch.cat(self.pending_hidden) if self.pending_hidden else None
-        try:
-            block = await self.worker.step.remote(seq.seq_id, seq.all_ids, k, hidden)
-        except RayError:
-            log.warning("draft worker failed; %s continues with plain decoding", seq.seq_id)
-            self.metrics.draft_failure()
-            self.attached = False
-            return NO_DRAFT
-        self.pending_hidden.clear()
-        return block
-
-    async def _take_pipelined(self, seq: Sequence) -> DraftBlock | DraftTree | None:
-        ref, bonus = self.ready
-        self.ready = None
-        try:
-            block = await ref
-        except RayError:
-            return None
-        if isinstance(block, DraftTree):  # a tree drafted after the assumed path: its branch under the bonus
-            rest = below(block, bonus)
-            if not rest:
-                return None
-            next_block: DraftBlock | DraftTree = rest
-        elif len(block.token_ids) < 2 or block.token_ids[0] != bonus:
-            return None
-        else:
-            next_block = DraftBlock(block.token_ids[1:], block.probs[1:] if block.probs is not None else None)
-        seq.stats.num_pipelined_drafts += 1
-        self.metrics.pipelined_draft()
-        return next_block
-
-    def speculate(self, seq: Sequence, block: DraftBlock) -> None:
-        if self.pipelining and self.attached and block.token_ids:
-            self.speculative = self.worker.step.remote(seq.seq_id, seq.all_ids + block.token_ids,
-                                                       self.last_k + 1, None)
-
-    def observe(self, seq: Sequence, block: DraftBlock, result: StepResult) -> None:
-        if result.hidden is not None:
-            self.pending_hidden.append(result.hidden)
-        ref, self.speculative = self.speculative, None
-        # The pipelined block followed the path speculate() assumed (a tree's main path): usable only if
-        # verification accepted exactly that path.
-        if ref is not None and result.verdict.tokens[:-1] == block.token_ids:
-            self.ready = (ref, result.verdict.tokens[-1])
 
 
 class GroupVerifier:
@@ -345,7 +120,7 @@ class RouterCore(ReplicaCore):
         self.running = asyncio.Semaphore(config.router.max_running_requests)
         self.num_waiting = 0
         self.groups: list[TargetGroup] = []
-        self.batchers: dict[int, _Batcher] = {}
+        self.batchers: dict[int, Batcher] = {}
         self.workers: list = []
         self.worker_info: dict = {}
         self.local_proposer: LocalProposer | None = None  # the router's own drafter (draft_placement 'router')
@@ -379,10 +154,10 @@ class RouterCore(ReplicaCore):
         self.groups = [TargetGroup(i, cfg.model, topo, hidden_layers) for i in range(topo.num_target_groups)]
         await asyncio.gather(*[g.build() for g in self.groups])
         for g in self.groups:
-            self.batchers[g.index] = _Batcher(g, cfg.router.max_batch_size if cfg.router.batching else 1,
-                                              self.group_failed, VerifyCost(cfg.drafter.verify_cost_per_token),
-                                              self.metrics,
-                                              cfg.router.batch_wait_fraction if cfg.router.batching else 0.0)
+            self.batchers[g.index] = Batcher(g, cfg.router.max_batch_size if cfg.router.batching else 1,
+                                             self.group_failed, VerifyCost(cfg.drafter.verify_cost_per_token),
+                                             self.metrics,
+                                             cfg.router.batch_wait_fraction if cfg.router.batching else 0.0)
 
     # ----------------------------------------------------------------------------------------- API
 
@@ -470,7 +245,7 @@ class RouterCore(ReplicaCore):
         if self.local_proposer is not None:
             proposer = self.local_proposer
         elif req.worker_index is None:
-            proposer = _NoDraft()
+            proposer = NoDraft()
         else:
             proposer = RemoteProposer(self.workers[req.worker_index], params, self.metrics,
                                       pipelining=pipelining, needs_features=needs_features)
@@ -536,19 +311,3 @@ class RouterCore(ReplicaCore):
             g.shutdown()
         for w in self.workers:
             ray.kill(w, no_restart=True)
-
-
-class _NoDraft:
-    """The proposer of a replica without draft workers: every step is plain decoding."""
-
-    async def start(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
-        """Nothing to set up."""
-
-    async def propose(self, seq: Sequence, k: int) -> DraftBlock:
-        return NO_DRAFT
-
-    def speculate(self, seq: Sequence, block: DraftBlock) -> None:
-        """Nothing to pipeline."""
-
-    def observe(self, seq: Sequence, block: DraftBlock, result: StepResult) -> None:
-        """Nothing to learn."""

@@ -7,13 +7,13 @@ cache, continuous batching, prefix caching and vLLM's rejection sampler; tensor
 parallelism comes from vLLM's own executor (its multiprocessing executor on the CPU, its
 Ray executor for GPU groups). Drafting is either
 
-- remote (``drafter.vllm_method = "remote"``): specserve draft workers (Ray actors, placed
-  by the topology) behind vLLM's ``custom_class`` proposer hook, see
+- remote (``drafter.vllm_placement = "draft_workers"``): specserve draft workers (Ray actors,
+  placed by the topology) behind vLLM's ``custom_class`` proposer hook, see
   ``actors.vllm_proposer``;
-- local (``"local"``): our n-gram drafter inside vLLM's worker through the same hook, with
-  adaptive k from the verification cost it measures there; or
-- one of vLLM's own methods colocated in the engine (``ngram``, ``suffix``,
-  ``draft_model``, ``eagle3``, ``dflash``).
+- local (``"vllm_worker"``): our n-gram or suffix drafter inside vLLM's worker through the same
+  hook, with adaptive k from the verification cost it measures there; or
+- one of vLLM's own methods colocated in the engine (``"vllm_builtin"``, the method in
+  ``drafter.vllm_builtin_method``: ``ngram``, ``suffix``, ``draft_model``, ``eagle3``, ``dflash``).
 
 Stop conditions stay ours: vLLM's tokens go through ``Sequence.commit`` (max tokens, EOS,
 stop strings), and a request whose sequence finished is aborted in vLLM. Per-request
@@ -50,8 +50,9 @@ from specserve.sequence import Sequence
 
 log = logging.getLogger("specserve.vllm_core")
 
-#: The proposer class vLLM loads for each of our vllm_methods.
-PROPOSER_CLASSES = {"remote": "actors.vllm_proposer.VllmRemoteProposer", "local": "actors.vllm_proposer.VllmLocalProposer"}
+#: The proposer class vLLM loads for each placement of our drafter (drafter.vllm_placement).
+PROPOSER_CLASSES = {"draft_workers": "actors.vllm_proposer.VllmRemoteProposer",
+                    "vllm_worker": "actors.vllm_proposer.VllmLocalProposer"}
 #: What vLLM mixes into its worker so that the proposer can be attached and read (``collective_rpc``).
 WORKER_EXTENSION = "actors.vllm_extension.ProposerExtension"
 #: Seconds between reads of the proposer's counters.
@@ -124,14 +125,14 @@ class VllmCore(ReplicaCore):
     def remote_drafting(self) -> bool:
         """True when our draft workers propose through vLLM's hook."""
         d = self.config.drafter
-        return d.vllm_method == "remote" and d.kind != "none" and d.num_speculative_tokens > 0 \
+        return d.vllm_placement == "draft_workers" and d.kind != "none" and d.num_speculative_tokens > 0 \
             and self.config.topology.num_draft_workers > 0
 
     @property
     def proposer_drafting(self) -> bool:
         """True when vLLM drafts through our proposer hook (remote draft workers or the local drafter)."""
         d = self.config.drafter
-        local = d.vllm_method == "local" and d.kind != "none" and d.num_speculative_tokens > 0
+        local = d.vllm_placement == "vllm_worker" and d.kind != "none" and d.num_speculative_tokens > 0
         return local or self.remote_drafting
 
     @property
@@ -170,7 +171,7 @@ class VllmCore(ReplicaCore):
             engine.shutdown()
             raise RuntimeError(f"vLLM built no specserve proposer in its output worker (attached: {attached}); "
                                "check that speculative_config.method is custom_class with "
-                               f"{PROPOSER_CLASSES[self.config.drafter.vllm_method]}")
+                               f"{PROPOSER_CLASSES[self.config.drafter.vllm_placement]}")
 
     async def refresh_proposer_stats(self) -> dict:
         """Read the proposer's counters now (output rank of each engine, summed over engines)."""
@@ -236,20 +237,21 @@ class VllmCore(ReplicaCore):
         """vLLM's ``speculative_config`` for the configured drafter (None: plain decoding)."""
         d = self.config.drafter
         v = self.config.model.vllm
+        ours = d.vllm_placement in PROPOSER_CLASSES
         # vLLM's own methods ignore drafter.kind: only k = 0 turns them off.
-        if d.num_speculative_tokens == 0 or not d.drafts and d.vllm_method in ("remote", "local"):
+        if d.num_speculative_tokens == 0 or not d.drafts and ours:
             return None
         spec: dict = {"num_speculative_tokens": d.num_speculative_tokens}
-        if d.vllm_method in ("remote", "local"):
+        if ours:
             if not self.proposer_drafting:
                 return None
-            spec.update(method="custom_class", model=PROPOSER_CLASSES[d.vllm_method])
-        elif d.vllm_method == "ngram":
+            spec.update(method="custom_class", model=PROPOSER_CLASSES[d.vllm_placement])
+        elif d.vllm_builtin_method == "ngram":
             spec.update(method="ngram", prompt_lookup_min=d.ngram_min, prompt_lookup_max=d.ngram_max)
-        elif d.vllm_method == "suffix":
+        elif d.vllm_builtin_method == "suffix":
             spec.update(method="suffix")
         else:
-            spec.update(method=d.vllm_method, model=d.path)
+            spec.update(method=d.vllm_builtin_method, model=d.path)
         if v.k_per_batch_size:
             spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in v.k_per_batch_size]
         return spec

@@ -3,9 +3,9 @@
 vLLM builds one of these classes inside its worker process (``speculative_config={"method":
 "custom_class", "model": "actors.vllm_proposer.VllmRemoteProposer", ...}``) and calls ``propose``
 after every step with the token history of each running request: token ids only.
-``VllmRemoteProposer`` (``drafter.vllm_method = "remote"``) sends the whole batch to the draft
-workers in one call per worker; ``VllmLocalProposer`` (``"local"``, a model-free n-gram or suffix
-drafter) drafts right here, with no Ray at all, its state keyed by vLLM's request ids (started
+``VllmRemoteProposer`` (``drafter.vllm_placement = "draft_workers"``) sends the whole batch to the
+draft workers in one call per worker; ``VllmLocalProposer`` (``"vllm_worker"``, a model-free n-gram or
+suffix drafter) drafts right here, with no Ray at all, its state keyed by vLLM's request ids (started
 with the prompt, ended when vLLM drops the request; a request's ``TENANT_ARG`` picks the suffix
 drafter's per-tenant cache). Both share ``VllmProposer``: rows, adaptive k, the measured cost.
 

@@ -5,9 +5,10 @@ For every prompt the baseline (drafter 'none') and each chosen drafter run back 
 (transformers' ``generate`` with and without prompt lookup). Writes ``results.json``
 and ``speedup.png``.
 
-Warm prompts, when given, are decoded untimed before the timed prompts by every drafter that learns
-across requests (the suffix drafter's global cache), each on its own instance with the benchmark's
-sampling settings: it is then measured warm, as on a server that has run a while.
+Warm prompts, when given, are decoded untimed before the timed prompts, with the benchmark's sampling
+settings, by the first drafter that learns across requests (the suffix drafter's global cache); every
+other such drafter learns the same outputs without decoding them again. Each is then measured warm, as on
+a server that has run a while, from the same cache.
 """
 
 from __future__ import annotations
@@ -48,22 +49,30 @@ def run_bench(engine: SpecEngine, prompts: list[dict], spec: BenchSpec, out_dir:
     engines = {BASELINE: baseline} | {method_name(d): engine.with_drafter(d) for d in spec.drafters}
     methods = list(engines) + (list(PEERS) if spec.peers else [])
     encoded, warm = _encode(engine, prompts, spec.chat), _encode(engine, spec.warm_prompts, spec.chat)
-    # Drafters that learn across requests decode the warm prompts, which also builds their kernels. The others
-    # (plain decoding, n-gram, the peers: nothing to learn across requests) and every method when there are
-    # none warm up on the first prompt: a method's first pass builds kernels for its shapes (trees' 4D masks, wide passes), which cost
-    # seconds once and would land on the first prompt.
+    # Drafters that learn across requests start warm: the first of them decodes the warm prompts (untimed) and
+    # the others learn the same outputs without decoding them again (equal caches make a fair A/B, e.g. suffix
+    # chain against suffix tree, and the warm-up costs one decode, not one per drafter). Every method then
+    # builds its kernels on a short decode (a warm prompt where there are any, so that no timed prompt's text
+    # reaches a cache early): a method's first pass builds kernels for its shapes (trees' 4D masks, wide
+    # passes), which cost seconds once and would land on the first prompt.
     warmed = [name for name, eng in engines.items() if eng.drafter.learns_across_requests] if warm else []
-    warm_up = {"prompts": len(warm), "prompt_tokens": sum(map(len, warm)),
-               "methods": {name: decode_warm_prompts(engines[name], warm, spec.params, desc=f"warm-up {name}")
-                           for name in warmed}}
+    warm_up = {"prompts": len(warm), "prompt_tokens": sum(map(len, warm)), "methods": {}}
+    if warmed:
+        decoded = decode_warm_prompts(engines[warmed[0]], warm, spec.params, desc=f"warm-up {warmed[0]}")
+        warm_up["methods"][warmed[0]] = {k: v for k, v in decoded.items() if k != "outputs"}
+        for name in warmed[1:]:
+            for i, (ids, out) in enumerate(zip(warm, decoded["outputs"])):
+                learn_output(engines[name].drafter, f"warm-{i}", ids, out, spec.params)
+            warm_up["methods"][name] = {"learned_from": warmed[0], "prompts": len(warm)}
     short = spec.params.model_copy(update={"max_tokens": 8})
+    kernel_prompt = warm[0] if warm else encoded[0]
     for name in methods:
-        if name in warmed:
+        if name == (warmed[0] if warmed else None):
             continue
         if name in engines:
-            engines[name].generate(encoded[0], short)
+            engines[name].generate(kernel_prompt, short)
         else:
-            _run_peer(engine, encoded[0], replace(spec, params=short), name)
+            _run_peer(engine, kernel_prompt, replace(spec, params=short), name)
 
     rows = []
     bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run")
@@ -132,12 +141,20 @@ def decode_warm_prompts(engine: SpecEngine, warm: list[list[int]], params: Sampl
     """Decode the encoded prompts ``warm`` on ``engine`` one after another, untimed by the benchmark, so that
     its drafter's cross-request state (the suffix drafter's global cache) holds their outputs.
 
-    Returns what was decoded: prompts, output tokens and the seconds it took.
+    Returns what was decoded: prompts, output tokens, the seconds it took and the outputs (token ids).
     """
-    t0, tokens = time.perf_counter(), 0
+    t0, outputs = time.perf_counter(), []
     for ids in tqdm(warm, desc=desc, unit="prompt", leave=False, disable=desc is None):
-        tokens += len(engine.generate(ids, params).token_ids)
-    return {"prompts": len(warm), "tokens": tokens, "seconds": time.perf_counter() - t0}
+        outputs.append(engine.generate(ids, params).token_ids)
+    return {"prompts": len(warm), "tokens": sum(map(len, outputs)), "seconds": time.perf_counter() - t0,
+            "outputs": outputs}
+
+
+def learn_output(drafter, seq_id: str, prompt_ids: list[int], output_ids: list[int], params: SamplingParams) -> None:
+    """Let ``drafter`` see a finished request (its prompt, then its output) as if it had drafted for it."""
+    drafter.start(seq_id, prompt_ids, params)
+    drafter.commit(seq_id, list(prompt_ids) + list(output_ids))
+    drafter.finish(seq_id)
 
 
 def warm_up_line(results: dict) -> str:
@@ -145,10 +162,15 @@ def warm_up_line(results: dict) -> str:
     warm = results.get("warm_up") or {}
     if not warm.get("prompts"):
         return ""
-    tokens = ", ".join(f"{name} {w['tokens']:,}" for name, w in warm["methods"].items()) or "none"
-    return (f"Warm-up, untimed, before the timed prompts: {warm['prompts']} prompts ({warm['prompt_tokens']:,} prompt "
-            f"tokens) decoded by every drafter that learns across requests; output tokens: {tokens}. The others "
-            "(plain decoding, n-gram, the peers) keep nothing across requests and were not warmed.")
+    decoded = [f"{name} {w['tokens']:,}" for name, w in warm["methods"].items() if "tokens" in w]
+    learned = [f"{name} (from {w['learned_from']})" for name, w in warm["methods"].items() if "learned_from" in w]
+    line = (f"Warm-up, untimed, before the timed prompts: {warm['prompts']} prompts ({warm['prompt_tokens']:,} prompt "
+            f"tokens) decoded by the first drafter that learns across requests; output tokens: "
+            f"{', '.join(decoded) or 'none'}.")
+    if learned:
+        line += f" Learned the same outputs without decoding them: {', '.join(learned)}."
+    return line + (" The others (plain decoding, n-gram, the peers) keep nothing across requests and were not "
+                   "warmed.")
 
 
 def _run_peer(engine: SpecEngine, ids: list[int], spec: BenchSpec, name: str) -> dict:

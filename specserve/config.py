@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from specserve.errors import SpecServeError
 
@@ -68,7 +69,7 @@ class ModelConfig(StrictModel):
 #: What `specserve serve` (and so `make serve`) runs when neither the flags nor the config name an
 #: engine or a drafter: the faster one measured here (docs/benchmarks.md, "Engine vllm").
 SERVE_DEFAULT_ENGINE = "vllm"
-SERVE_DEFAULT_VLLM_METHOD = "local"
+SERVE_DEFAULT_VLLM_PLACEMENT = "vllm_worker"
 
 
 def apply_serve_defaults(data: dict) -> dict:
@@ -84,7 +85,7 @@ def apply_serve_defaults(data: dict) -> dict:
         return data
     drafter = dict(data.get("drafter") or {})
     if not drafter:
-        drafter = {"kind": "ngram", "vllm_method": SERVE_DEFAULT_VLLM_METHOD}
+        drafter = {"kind": "ngram", "vllm_placement": SERVE_DEFAULT_VLLM_PLACEMENT}
     else:
         try:  # a drafter the config names that engine vllm cannot run keeps engine hf
             check_engine_fits(ModelConfig(**{**model, "engine": SERVE_DEFAULT_ENGINE}),
@@ -95,13 +96,33 @@ def apply_serve_defaults(data: dict) -> dict:
     return {**data, "model": model, "drafter": drafter}
 
 
-#: Drafters that can run inside vLLM's worker (``vllm_method = "local"``): no model, no target hidden states.
+#: Drafters that can run inside vLLM's worker (``vllm_placement = "vllm_worker"``): no model, no target hidden states.
 LOCAL_DRAFTER_KINDS: tuple[str, ...] = ("ngram", "suffix", "none")
 
-#: vLLM's own speculative methods that run colocated in its engine ('remote': our draft workers).
-VLLM_METHODS: tuple[str, ...] = ("remote", "local", "ngram", "suffix", "draft_model", "eagle3", "dflash")
+#: Where drafting runs with engine vllm: our drafter (``drafter.kind``) on specserve draft workers or inside
+#: vLLM's worker, or vLLM's own method (``drafter.vllm_builtin_method``) in its engine.
+VllmPlacement = Literal["draft_workers", "vllm_worker", "vllm_builtin"]
+#: vLLM's own speculative methods (``vllm_placement = "vllm_builtin"``), colocated in its engine.
+VllmBuiltinMethod = Literal["ngram", "suffix", "draft_model", "eagle3", "dflash"]
+VLLM_BUILTIN_METHODS: tuple[str, ...] = ("ngram", "suffix", "draft_model", "eagle3", "dflash")
 #: Of those, the ones that load a draft model from ``drafter.path``.
-VLLM_METHODS_WITH_MODEL: tuple[str, ...] = ("draft_model", "eagle3", "dflash")
+VLLM_BUILTIN_METHODS_WITH_MODEL: tuple[str, ...] = ("draft_model", "eagle3", "dflash")
+#: The removed ``drafter.vllm_method``'s values and the new fields that say the same.
+VLLM_METHOD_RENAMED: dict[str, str] = {
+    "remote": "vllm_placement: draft_workers",
+    "local": "vllm_placement: vllm_worker",
+    **{m: f"vllm_placement: vllm_builtin, vllm_builtin_method: {m}" for m in VLLM_BUILTIN_METHODS},
+}
+
+
+def vllm_method_renamed(value: object) -> str:
+    """The error for a config that still sets ``drafter.vllm_method``: the new fields, and what its value becomes."""
+    said = (f" Replace 'vllm_method: {value}' with '{VLLM_METHOD_RENAMED[value]}'."
+            if isinstance(value, str) and value in VLLM_METHOD_RENAMED else "")
+    return ("vllm_method was split into two fields, vllm_placement (where drafting runs) and vllm_builtin_method "
+            f"(which of vLLM's own methods drafts).{said} Old values: remote -> vllm_placement: draft_workers; "
+            "local -> vllm_placement: vllm_worker (drafter.kind ngram or suffix); ngram, suffix, draft_model, eagle3, "
+            "dflash -> vllm_placement: vllm_builtin with vllm_builtin_method: the same name")
 
 
 class VllmEngineConfig(StrictModel):
@@ -282,14 +303,31 @@ class DrafterConfig(StrictModel):
         default_factory=TreeConfig,
         description="Token-tree speculation (max_nodes 0 = chain). A dict or a TreeConfig.",
     )
-    vllm_method: Literal["remote", "local", "ngram", "suffix", "draft_model", "eagle3", "dflash"] = Field(
-        "remote",
-        description="With model.engine 'vllm': 'remote' drafts with this drafter on specserve draft workers "
-        "(Ray actors) through vLLM's proposer hook; 'local' runs this drafter (ngram or suffix) inside "
-        "vLLM's worker through the same hook, with adaptive k from measured verification cost; 'ngram', 'suffix', "
-        "'draft_model', 'eagle3', 'dflash' use vLLM's own method colocated in the engine (the last three "
-        "load 'path'). Ignored by engine 'hf'.",
+    vllm_placement: VllmPlacement = Field(
+        "draft_workers",
+        description="With model.engine 'vllm', where drafting runs: 'draft_workers' runs this drafter (kind) on "
+        "specserve draft workers (Ray actors) through vLLM's proposer hook; 'vllm_worker' runs it (kind ngram, "
+        "suffix or none) inside vLLM's worker through the same hook, with adaptive k from measured verification "
+        "cost; 'vllm_builtin' runs vLLM's own method, named by vllm_builtin_method, colocated in the engine "
+        "(kind is then ignored). Engine 'hf' takes only 'draft_workers' (it drafts where topology.draft_placement "
+        "says).",
     )
+    vllm_builtin_method: VllmBuiltinMethod | None = Field(
+        None,
+        description="Which of vLLM's own speculative methods drafts, with vllm_placement 'vllm_builtin' (and only "
+        "then): 'ngram' (prompt lookup, ngram_min / ngram_max), 'suffix', or 'draft_model', 'eagle3', 'dflash', "
+        "which load the draft model in 'path'.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        # Raised as a ValidationError located at the old key, so that errors name drafter.vllm_method.
+        if isinstance(data, dict) and "vllm_method" in data:
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=PydanticCustomError("renamed_field", vllm_method_renamed(data["vllm_method"])),
+                loc=("vllm_method",), input=data["vllm_method"])])
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> DrafterConfig:
@@ -297,8 +335,15 @@ class DrafterConfig(StrictModel):
             raise ValueError("drafter 'draft_model' needs a path: pass --drafter draft_model:PATH")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})")
-        if self.vllm_method in VLLM_METHODS_WITH_MODEL and not self.path:
-            raise ValueError(f"vllm_method {self.vllm_method!r} needs a draft model directory in 'path'")
+        builtin = self.vllm_builtin_method
+        if self.vllm_placement == "vllm_builtin" and builtin is None:
+            raise ValueError(f"vllm_placement 'vllm_builtin' needs vllm_builtin_method: one of "
+                             f"{', '.join(VLLM_BUILTIN_METHODS)}")
+        if builtin is not None and self.vllm_placement != "vllm_builtin":
+            raise ValueError(f"vllm_builtin_method {builtin!r} is vLLM's own method: set vllm_placement "
+                             f"'vllm_builtin' too (vllm_placement {self.vllm_placement!r} drafts with drafter.kind)")
+        if builtin in VLLM_BUILTIN_METHODS_WITH_MODEL and not self.path:
+            raise ValueError(f"vllm_builtin_method {builtin!r} needs a draft model directory in 'path'")
         return self
 
     @property
@@ -367,15 +412,16 @@ class EngineConfig(StrictModel):
 
 def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
     """Refuse a drafter the chosen engine cannot run, naming the field (SpecServeError)."""
-    if model.engine == "hf" and drafter.vllm_method != "remote":
-        raise SpecServeError(f"drafter.vllm_method {drafter.vllm_method!r} needs model.engine 'vllm' "
-                             "(engine 'hf' drafts with drafter.kind)", param="drafter.vllm_method")
-    if model.engine != "vllm" or drafter.vllm_method not in ("remote", "local"):
+    if model.engine == "hf" and drafter.vllm_placement != "draft_workers":
+        raise SpecServeError(f"drafter.vllm_placement {drafter.vllm_placement!r} needs model.engine 'vllm' "
+                             "(engine 'hf' drafts with drafter.kind; leave vllm_placement at 'draft_workers')",
+                             param="drafter.vllm_placement")
+    if model.engine != "vllm" or drafter.vllm_placement == "vllm_builtin":
         return
-    if drafter.vllm_method == "local" and drafter.kind not in LOCAL_DRAFTER_KINDS:
-        raise SpecServeError(f"drafter.vllm_method 'local' runs only model-free drafters (ngram, suffix) inside "
-                             f"vLLM's worker; drafter.kind {drafter.kind!r} drafts on draft workers: use vllm_method "
-                             "'remote'", param="drafter.vllm_method")
+    if drafter.vllm_placement == "vllm_worker" and drafter.kind not in LOCAL_DRAFTER_KINDS:
+        raise SpecServeError(f"drafter.vllm_placement 'vllm_worker' runs only model-free drafters (ngram, suffix) "
+                             f"inside vLLM's worker; drafter.kind {drafter.kind!r} drafts on draft workers: use "
+                             "vllm_placement 'draft_workers'", param="drafter.vllm_placement")
     if drafter.kind in ("block", "hybrid"):
         raise SpecServeError(f"drafter.kind {drafter.kind!r} needs the target's hidden states, which vLLM's proposer hook "
                              "does not pass: use engine 'hf', or kind ngram / draft_model", param="drafter.kind")

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from specserve.config import SamplingParams
 from specserve.models import LoadedModel
 from specserve.sampling import TreeVerdict, Verdict, make_generator, verify_block, verify_tree
-from specserve.tree import DraftTree, flatten
+from specserve.tree import ROOT, DraftTree, ancestor_matrix
 
 
 @dataclass
@@ -92,158 +92,76 @@ class Verifier:
         """Forget a sequence (finished, aborted, or its client went away)."""
         self.states.pop(seq_id, None)
 
+    @torch.inference_mode()
     def verify(self, reqs: list[StepRequest | TreeStepRequest]) -> list[StepResult]:
-        """Verify any mix of chains and trees of distinct sequences in one forward pass.
+        """Verify chains and draft trees of distinct sequences in one forward pass (the one entry point).
 
-        The one entry point for callers: it picks the cheapest pass that fits the batch (one
-        sequence, chains only with a 2D mask, or chains and trees with per-row 4D masks).
-        """
-        has_tree = any(isinstance(r, TreeStepRequest) for r in reqs)
-        if len(reqs) == 1:
-            return [self.step_tree(reqs[0]) if has_tree else self.step(reqs[0])]  # type: ignore[arg-type]
-        return self.step_mixed(reqs) if has_tree else self.step_batch(reqs)  # type: ignore[arg-type]
+        Every request is a tree below its newest token (a chain is a tree of single children,
+        :meth:`DraftTree.chain`): input 0 of a row is the newest token, input ``j + 1`` node ``j``,
+        at position ``cache length + depth``. Caches of different lengths are left-padded to a
+        common length, inputs right-padded; each row's additive 4D mask shows its inputs its real
+        cache entries and their ancestors in the row's tree (padding inputs see only themselves).
+        Then every row is accepted here: a chain with ``verify_block``, a tree with ``verify_tree``
+        (whose verdict is a :class:`TreeVerdict`), and the cache keeps the newest token and the
+        accepted inputs only (for a tree the accepted path is moved in place to follow the newest
+        token: ``num_accepted`` entries per layer, where re-feeding it would cost a second pass).
 
-    @torch.inference_mode()
-    def step(self, req: StepRequest) -> StepResult:
-        """Verify one sequence's block in one forward pass."""
-        t0 = time.perf_counter()
-        state = self.states[req.seq_id]
-        inputs = [req.last_id] + list(req.draft_tokens)
-        out = self._forward(state, inputs)
-        logits = out.logits[0]  # [k + 1, vocab]
-        return self._accept(state, req, logits, out, 0, time.perf_counter() - t0)
-
-    @torch.inference_mode()
-    def step_batch(self, reqs: list[StepRequest]) -> list[StepResult]:
-        """Verify several sequences' blocks (ragged lengths) in one batched forward pass.
-
-        Caches of different lengths are left-padded to a common length and inputs right-padded;
-        the attention mask hides the padding and explicit position ids keep RoPE exact.
-        """
-        if len(reqs) == 1:
-            return [self.step(reqs[0])]
-        t0 = time.perf_counter()
-        states = [self.states[r.seq_id] for r in reqs]
-        inputs = [[r.last_id] + list(r.draft_tokens) for r in reqs]
-        lens = [s.num_cached for s in states]
-        max_len, max_in = max(lens), max(len(x) for x in inputs)
-        device = self.target.device
-        pad_id = 0
-        input_ids = torch.tensor([x + [pad_id] * (max_in - len(x)) for x in inputs], device=device)  # [B, m]
-        mask = torch.zeros(len(reqs), max_len + max_in, dtype=torch.long, device=device)  # [B, L + m]
-        for i, (n_cached, x) in enumerate(zip(lens, inputs)):
-            mask[i, max_len - n_cached : max_len + len(x)] = 1
-        positions = torch.stack([torch.arange(n, n + max_in, device=device) for n in lens])  # [B, m]
-        cache = _stack_caches([s.cache for s in states], lens, max_len)
-        out = self._model(
-            max_in,
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=bool(self.hidden_layers),
-        )
-        elapsed = time.perf_counter() - t0
-        results = []
-        for i, (req, state, x) in enumerate(zip(reqs, states, inputs)):
-            # Row i's cache is its real prefix plus its real inputs, without the padding.
-            state.cache = _row_cache(out.past_key_values, i, max_len - lens[i], max_len + len(x))
-            state.num_cached = lens[i] + len(x)
-            logits = out.logits[i, : len(x)]  # [k_i + 1, vocab]
-            results.append(self._accept(state, req, logits, out, i, elapsed / len(reqs), fed=len(x)))
-        return results
-
-    @torch.inference_mode()
-    def step_tree(self, req: TreeStepRequest) -> StepResult:
-        """Verify one sequence's draft tree in one forward pass; the cache keeps only the accepted path.
-
-        The rows of the accepted path are moved in place to follow the newest token and the rest
-        is cropped: this copies ``num_accepted`` entries per layer, where re-feeding the path would
-        cost a second forward pass. The result's verdict is a :class:`TreeVerdict`.
-        """
-        t0 = time.perf_counter()
-        state = self.states[req.seq_id]
-        base = state.num_cached
-        ids, mask, positions = flatten(req.tree, req.last_id, base, self.target.dtype)
-        device = self.target.device
-        out = self._model(
-            len(ids),
-            input_ids=torch.tensor([ids], device=device),  # [1, n + 1]
-            attention_mask=mask.to(device),  # [1, 1, n + 1, base + n + 1]
-            position_ids=positions.to(device),  # [1, n + 1]
-            past_key_values=state.cache,
-            use_cache=True,
-            output_hidden_states=bool(self.hidden_layers),
-        )
-        logits = out.logits[0]  # [n + 1, vocab]
-        verdict: TreeVerdict = verify_tree(logits, req.tree, state.params, state.generator)
-        kept = [0] + [node + 1 for node in verdict.path]  # input indices: the root, then the accepted path
-        _keep_slots(state.cache, base, kept)
-        state.num_cached = base + len(kept)
-        hidden = None
-        if self.hidden_layers:
-            rows = torch.tensor(kept, device=device)
-            hidden = torch.cat([out.hidden_states[j + 1][0, rows] for j in self.hidden_layers], dim=-1)
-        return StepResult(verdict, hidden, time.perf_counter() - t0)
-
-    @torch.inference_mode()
-    def step_mixed(self, reqs: list[StepRequest | TreeStepRequest]) -> list[StepResult]:
-        """Verify chains and trees of several sequences in one batched forward pass.
-
-        Each row gets its own 4D additive mask: its real cache entries (caches are left-padded to a
-        common length), then its inputs as a tree (a chain is a tree of single children); padding
-        inputs see only themselves. Positions are each row's cache length + depth. Chains are then
-        accepted with ``verify_block`` exactly as :meth:`step` does, trees as :meth:`step_tree` does.
+        A batch of one sequence skips the padding: it runs on its own cache (no copy of it, no
+        slice of a batched one), and a chain passes no mask or positions at all, the plain causal
+        pass that plain decoding (k = 0) is, so greedy outputs stay bit-identical to it in fp32.
+        A 4D mask gives logits bit-identical to the 2D padding mask of the same chains (fp32 and
+        bf16, SDPA and eager, the tiny and the real model) and is not slower, so chains use it too.
         """
         t0 = time.perf_counter()
         states = [self.states[r.seq_id] for r in reqs]
         trees = [r.tree if isinstance(r, TreeStepRequest) else DraftTree.chain(list(r.draft_tokens)) for r in reqs]
-        lens = [s.num_cached for s in states]
-        max_len, max_in = max(lens), max(len(t) + 1 for t in trees)
-        batch, device, dtype = len(reqs), self.target.device, self.target.dtype
+        lens = [s.num_cached for s in states]  # cached entries per row before the pass
+        sizes = [len(t) + 1 for t in trees]  # inputs per row: the newest token and the draft
+        batch, max_len, max_in = len(reqs), max(lens), max(sizes)
+        device, dtype = self.target.device, self.target.dtype
         input_ids = torch.zeros(batch, max_in, dtype=torch.long)  # [B, m]
-        positions = torch.zeros(batch, max_in, dtype=torch.long)  # [B, m]
-        visible = torch.zeros(batch, max_in, max_len + max_in, dtype=torch.bool)  # [B, m, L + m]
-        for i, (req, tree, n_cached) in enumerate(zip(reqs, trees, lens)):
-            ids, row_mask, row_pos = flatten(tree, req.last_id, n_cached, dtype)
-            m = len(ids)
-            input_ids[i, :m] = torch.tensor(ids)
-            positions[i, :m] = row_pos[0]
-            positions[i, m:] = n_cached
-            visible[i, :m, max_len - n_cached : max_len] = True
-            visible[i, :m, max_len : max_len + m] = row_mask[0, 0, :, n_cached:] == 0
-            visible[i, torch.arange(m, max_in), max_len + torch.arange(m, max_in)] = True
-        mask = torch.zeros(batch, 1, max_in, max_len + max_in, dtype=dtype)  # [B, 1, m, L + m]
-        mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+        for i, (req, tree, m) in enumerate(zip(reqs, trees, sizes)):
+            input_ids[i, :m] = torch.tensor([req.last_id] + tree.tokens)
+        if batch == 1 and not isinstance(reqs[0], TreeStepRequest):
+            mask = positions = None  # plain causal attention after the cache, as plain decoding
+        else:
+            positions = torch.zeros(batch, max_in, dtype=torch.long)  # [B, m]
+            visible = torch.zeros(batch, max_in, max_len + max_in, dtype=torch.bool)  # [B, m, L + m]
+            for i, (tree, n_cached, m) in enumerate(zip(trees, lens, sizes)):
+                positions[i] = n_cached
+                positions[i, :m] += torch.tensor([0] + tree.depths)
+                visible[i, :m, max_len - n_cached : max_len] = True
+                visible[i, :m, max_len : max_len + m] = ancestor_matrix([ROOT] + [p + 1 for p in tree.parents])
+                visible[i, torch.arange(m, max_in), max_len + torch.arange(m, max_in)] = True
+            mask = torch.zeros(batch, 1, max_in, max_len + max_in, dtype=dtype)  # [B, 1, m, L + m]
+            mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+            mask, positions = mask.to(device), positions.to(device)
         out = self._model(
             max_in,
             input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            past_key_values=_stack_caches([s.cache for s in states], lens, max_len),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=states[0].cache if batch == 1 else _stack_caches([s.cache for s in states], lens, max_len),
             use_cache=True,
             output_hidden_states=bool(self.hidden_layers),
         )
-        elapsed = (time.perf_counter() - t0) / batch
+        pass_s = (time.perf_counter() - t0) / batch  # the shared pass, split evenly
         results = []
-        for i, (req, state, tree, n_cached) in enumerate(zip(reqs, states, trees, lens)):
-            m = len(tree) + 1
-            state.cache = _row_cache(out.past_key_values, i, max_len - n_cached, max_len + m)
-            state.num_cached = n_cached + m
+        for i, (req, state, tree, n_cached, m) in enumerate(zip(reqs, states, trees, lens, sizes)):
+            t1 = time.perf_counter()
+            if batch > 1:  # row i of the batched cache: its real entries and its inputs, without the padding
+                state.cache = _row_cache(out.past_key_values, i, max_len - n_cached, max_len + m)
             logits = out.logits[i, :m]  # [m, vocab]
-            if not isinstance(req, TreeStepRequest):
-                results.append(self._accept(state, req, logits, out, i, elapsed, fed=m))
-                continue
-            verdict = verify_tree(logits, tree, state.params, state.generator)
-            kept = [0] + [node + 1 for node in verdict.path]
+            if isinstance(req, TreeStepRequest):
+                verdict: Verdict = verify_tree(logits, tree, state.params, state.generator)
+                kept = [0] + [node + 1 for node in verdict.path]  # input indices: the root, then the accepted path
+            else:
+                verdict = verify_block(logits, req.draft_tokens, req.draft_probs, state.params, state.generator)
+                kept = list(range(verdict.num_accepted + 1))
             _keep_slots(state.cache, n_cached, kept)
             state.num_cached = n_cached + len(kept)
-            hidden = None
-            if self.hidden_layers:
-                rows = torch.tensor(kept, device=device)
-                hidden = torch.cat([out.hidden_states[j + 1][i, rows] for j in self.hidden_layers], dim=-1)
-            results.append(StepResult(verdict, hidden, elapsed))
+            hidden = self._features(out, i, kept)
+            results.append(StepResult(verdict, hidden, pass_s + time.perf_counter() - t1))
         return results
 
     def _forward(self, state: TargetState, inputs: list[int], logits: bool = True):
@@ -278,22 +196,15 @@ class Verifier:
         out.logits = out.logits[:, :num_logits]
         return out
 
-    def _accept(self, state: TargetState, req: StepRequest, logits: torch.Tensor, out, row: int,
-                elapsed: float, fed: int | None = None) -> StepResult:
-        verdict = verify_block(logits, req.draft_tokens, req.draft_probs, state.params, state.generator)
-        fed = fed if fed is not None else len(req.draft_tokens) + 1
-        drop = fed - (verdict.num_accepted + 1)  # rejected draft entries to remove from the cache
-        if drop:
-            state.cache.crop(-drop)
-            state.num_cached -= drop
-        hidden = self._features(out, row, verdict.num_accepted + 1) if self.hidden_layers else None
-        return StepResult(verdict, hidden, elapsed)
-
-    def _features(self, out, row: int, n: int) -> torch.Tensor | None:
+    def _features(self, out, row: int, kept: int | list[int]) -> torch.Tensor | None:
+        """[len(kept), len(layers) * hidden] target features of row ``row``'s inputs ``kept`` (an int n: the first n)."""
         if not self.hidden_layers:
             return None
+        if isinstance(kept, list) and kept == list(range(len(kept))):
+            kept = len(kept)
+        rows = slice(0, kept) if isinstance(kept, int) else torch.tensor(kept, device=self.target.device)
         # hidden_states[0] is the embedding output; layer j's output is hidden_states[j + 1].
-        return torch.cat([out.hidden_states[j + 1][row, :n] for j in self.hidden_layers], dim=-1)
+        return torch.cat([out.hidden_states[j + 1][row, rows] for j in self.hidden_layers], dim=-1)
 
 
 def _stack_caches(caches: list[DynamicCache], lens: list[int], max_len: int) -> DynamicCache:

@@ -32,9 +32,9 @@ from deployments.bench_load import (
 from deployments.bench_profile import CLIENT, CpuProfile
 from deployments.bench_report import markdown_table, profile_table
 from deployments.bench_servers import Server, check_leftovers
-from specserve.bench import BenchSpec, decode_warm_prompts, run_bench
+from specserve.bench import BenchSpec, decode_warm_prompts, method_name, run_bench
 from specserve.bench import markdown_table as bench_table
-from specserve.config import DrafterConfig, SamplingParams
+from specserve.config import DrafterConfig, SamplingParams, TreeConfig
 from specserve.drafters import make_drafter
 from specserve.engine import SpecEngine
 from specserve.errors import SpecServeError
@@ -75,7 +75,7 @@ def test_warm_prompts_fill_the_suffix_drafters_cross_request_cache(tiny_target):
     assert engine.drafter.cache.num_tokens == 0
     warm = [tiny_target.info.encode(r["prompt"]) for r in WARM_RECORDS]
     got = decode_warm_prompts(engine, warm, params)
-    assert got["prompts"] == 2 and got["tokens"] == 32
+    assert got["prompts"] == 2 and got["tokens"] == 32 and [len(o) for o in got["outputs"]] == [16, 16]
     # Both outputs, now drafted from by the next requests (the drafter learns a step's tokens at the next
     # step, so the last step's never reach it).
     assert 16 < engine.drafter.cache.num_tokens <= 32 and len(engine.drafter.cache.sequences) == 2
@@ -83,26 +83,36 @@ def test_warm_prompts_fill_the_suffix_drafters_cross_request_cache(tiny_target):
     assert again.stats.mean_accepted_length > 3.0
 
 
-def test_bench_decodes_the_warm_prompts_on_drafters_that_learn_across_requests_first(tiny_target, tmp_path):
+SUFFIX_TREE = SUFFIX.model_copy(update={"tree": TreeConfig(max_nodes=6, adaptive=False)})
+
+
+def test_bench_decodes_the_warm_prompts_once_and_every_drafter_that_learns_across_requests_starts_warm(
+        tiny_target, tmp_path):
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     timed = [{**r, "set": "timed"} for r in WARM_RECORDS]  # timed = warm: a warm cache holds every answer
     runs = {}
     for name, warm in (("cold", []), ("warm", WARM_RECORDS)):
-        spec = BenchSpec([SUFFIX, DrafterConfig(kind="ngram", num_speculative_tokens=4)], params, chat=False,
-                         peers=False, warm_prompts=warm)
+        spec = BenchSpec([SUFFIX, SUFFIX_TREE, DrafterConfig(kind="ngram", num_speculative_tokens=4)], params,
+                         chat=False, peers=False, warm_prompts=warm)
         runs[name] = run_bench(_plain_engine(tiny_target), timed, spec, tmp_path / name)
     saved = json.loads((tmp_path / "warm" / "results.json").read_text())
+    tree_name = method_name(SUFFIX_TREE)
     assert saved["warm_up"]["prompts"] == 2 and saved["warm_up"]["prompt_tokens"] > 0
-    assert list(saved["warm_up"]["methods"]) == ["suffix"]  # plain decoding and n-gram keep nothing across requests
-    assert all(m["tokens"] == 32 for m in saved["warm_up"]["methods"].values())
+    # Plain decoding and n-gram keep nothing across requests; the tree learns the chain's outputs undecoded.
+    assert saved["warm_up"]["methods"] == {"suffix": {"prompts": 2, "tokens": 32,
+                                                      "seconds": saved["warm_up"]["methods"]["suffix"]["seconds"]},
+                                           tree_name: {"learned_from": "suffix", "prompts": 2}}
     assert runs["cold"]["warm_up"] == {"prompts": 0, "prompt_tokens": 0, "methods": {}}
-    assert "Warm-up, untimed, before the timed prompts: 2 prompts" in bench_table(runs["warm"])
+    table = bench_table(runs["warm"])
+    assert "Warm-up, untimed, before the timed prompts: 2 prompts" in table
+    assert f"without decoding them: {tree_name} (from suffix)" in table
     assert "Warm-up" not in bench_table(runs["cold"])
     for name in ("cold", "warm"):
-        assert all(row["runs"]["suffix"]["matches_baseline"] for row in runs[name]["prompts"])
-    accepted = {name: sum(row["runs"]["suffix"]["stats"]["num_accepted_tokens"] for row in r["prompts"])
-                for name, r in runs.items()}
-    assert accepted["warm"] > accepted["cold"], accepted
+        assert all(row["runs"][m]["matches_baseline"] for row in runs[name]["prompts"] for m in ("suffix", tree_name))
+    for method in ("suffix", tree_name):
+        accepted = {name: sum(row["runs"][method]["stats"]["num_accepted_tokens"] for row in r["prompts"])
+                    for name, r in runs.items()}
+        assert accepted["warm"] > accepted["cold"], (method, accepted)
 
 
 def test_bench_command_takes_warm_prompts_and_prints_the_warm_up(tiny_dir, tmp_path):
@@ -370,7 +380,7 @@ def _bench_serve_args(*extra: str):
 
 
 def test_bench_serve_peers_are_vllm_serve_and_ray_serve_llm_plain_and_ngram():
-    from deployments.bench import build_targets
+    from deployments.bench_targets import build_targets
 
     args = _bench_serve_args("--no-default", "--only-default", "--ray-serve-llm-peers", "--peer-k", "4", "8")
     targets = build_targets(args)

@@ -185,8 +185,8 @@ def test_cli_bad_input_is_one_line_naming_the_parameter(tiny_target, tiny_dir, t
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), out.stderr
 
 
-# vLLM on the real target. The engines are started through the project's own vLLM core (drafter.vllm_method
-# 'dflash'), with the helpers of test_vllm_engine.
+# vLLM on the real target. The engines are started through the project's own vLLM core (drafter.vllm_placement
+# 'vllm_builtin', vllm_builtin_method 'dflash'), with the helpers of test_vllm_engine.
 @pytest.mark.vllm
 @pytest.mark.ray
 @pytest.mark.real_model
@@ -205,7 +205,8 @@ def test_vllm_serving_the_exported_shipped_drafter_is_token_identical_to_plain_v
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     outputs = {}
     for name, drafter in [("plain", {"kind": "none", "num_speculative_tokens": 0}),
-                          ("dflash", {"kind": "none", "vllm_method": "dflash", "path": str(result.out_dir),
+                          ("dflash", {"kind": "none", "vllm_placement": "vllm_builtin", "vllm_builtin_method": "dflash",
+                                      "path": str(result.out_dir),
                                       "num_speculative_tokens": result.num_speculative_tokens})]:
         core = start_core(loop, replica(drafter))
         try:

@@ -94,14 +94,18 @@ def test_every_rendered_object_validates_against_its_schema(profile):
         (("accelerator.enabled=false",), "num_gpus", "template"),
         (("accelerator.enabled=false", "specserve.topology.target_rank.num_gpus=0"), "specserve.model.device",
          "template"),
-        (("specserve.model.engine=hf",), "specserve.drafter.vllm_method=remote", "template"),
+        (("specserve.model.engine=hf",), "specserve.drafter.vllm_placement=draft_workers", "template"),
+        (("specserve.drafter.vllm_method=local",), "vllm_method", "schema"),
+        (("specserve.drafter.vllm_placement=vllm_builtin",), "vllm_builtin_method", "template"),
+        (("specserve.drafter.vllm_builtin_method=ngram",), "vllm_placement=vllm_builtin", "template"),
         (("specserve.topology.draft_worker.num_cpus=1",), "draft_worker.num_cpus must be 0", "template"),
         (("specserve.drafter.kind=draft_model", "specserve.drafter.path=/models/tiny",
-          "specserve.drafter.vllm_method=remote"), "draft_worker.num_gpus > 0", "template"),
+          "specserve.drafter.vllm_placement=draft_workers"), "draft_worker.num_gpus > 0", "template"),
     ],
     ids=["tp-zero", "tp-not-integer", "unknown-drafter", "misplaced-field", "latest-tag", "bad-route-timeout",
          "draft-pods-with-zero-gpus", "readiness-never-fails", "too-few-target-pods", "gpus-without-accelerator",
-         "cuda-without-accelerator", "engine-hf-with-a-vllm-method", "draft-worker-asks-for-cpu",
+         "cuda-without-accelerator", "engine-hf-with-a-vllm-placement", "removed-vllm-method",
+         "vllm-builtin-without-a-method", "vllm-builtin-method-without-the-placement", "draft-worker-asks-for-cpu",
          "draft-model-without-draft-gpus"],
 )
 def test_bad_values_are_refused_by_lint_and_template(sets, message, refused_by):
@@ -115,12 +119,18 @@ def test_bad_values_are_refused_by_lint_and_template(sets, message, refused_by):
         assert message in result.stdout + result.stderr
 
 
-def test_chart_refuses_engine_hf_with_a_vllm_method_because_the_app_does():
-    # If the app starts accepting it (engine hf ignoring vllm_method), drop the chart's check too.
+def test_chart_refuses_engine_hf_with_a_vllm_placement_because_the_app_does():
+    # If the app starts accepting it (engine hf ignoring vllm_placement), drop the chart's check too.
+    from pydantic import ValidationError
+
     from specserve.errors import SpecServeError
 
-    with pytest.raises(SpecServeError, match="vllm_method"):
-        AppConfig.model_validate({"model": {"engine": "hf"}, "drafter": {"vllm_method": "local"}})
+    with pytest.raises(SpecServeError, match="vllm_placement"):
+        AppConfig.model_validate({"model": {"engine": "hf"}, "drafter": {"vllm_placement": "vllm_worker"}})
+    # And the builtin method's pairing with its placement, which the chart checks too.
+    for drafter in ({"vllm_placement": "vllm_builtin"}, {"vllm_builtin_method": "ngram"}):
+        with pytest.raises(ValidationError, match="vllm_builtin"):
+            AppConfig.model_validate({"model": {"engine": "vllm"}, "drafter": drafter})
 
 
 def test_values_schema_is_fresh():
@@ -176,7 +186,7 @@ def test_target_pods_ask_kubernetes_and_ray_for_tensor_parallel_size_gpus(tp):
 def test_default_and_cpu_values_serve_engine_vllm_with_ngram_inside_vllm(profile):
     args = AppConfig.model_validate(_serve_app(_rayservice(render(*PROFILES[profile])))["args"])
     assert args.model.engine == "vllm"
-    assert (args.drafter.kind, args.drafter.vllm_method) == ("ngram", "local")
+    assert (args.drafter.kind, args.drafter.vllm_placement) == ("ngram", "vllm_worker")
 
 
 @pytest.mark.parametrize("profile", ["default", "cpu"])
@@ -199,7 +209,8 @@ def test_draft_model_values_put_tp_on_the_large_gpu_group_and_draft_workers_on_t
     values = _values(*files)
     rs = _rayservice(render(*files))
     args = AppConfig.model_validate(_serve_app(rs)["args"])
-    assert (args.model.engine, args.drafter.kind, args.drafter.vllm_method) == ("vllm", "draft_model", "remote")
+    assert (args.model.engine, args.drafter.kind, args.drafter.vllm_placement) == ("vllm", "draft_model",
+                                                                                  "draft_workers")
     assert args.drafter.path and args.topology.num_draft_workers > 0
     tp = args.topology.tensor_parallel_size
     assert tp > 1
@@ -230,7 +241,7 @@ def test_serve_replicas_and_so_the_vllm_engine_can_only_land_on_target_pods(prof
 
 
 def test_engine_hf_stays_selectable_through_values():
-    rs = _rayservice(render(sets=("specserve.model.engine=hf", "specserve.drafter.vllm_method=remote")))
+    rs = _rayservice(render(sets=("specserve.model.engine=hf", "specserve.drafter.vllm_placement=draft_workers")))
     args = AppConfig.model_validate(_serve_app(rs)["args"])
     assert (args.model.engine, args.drafter.kind) == ("hf", "ngram")
 

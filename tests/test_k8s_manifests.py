@@ -69,7 +69,7 @@ def test_plain_manifests_serve_engine_vllm_and_gate_worker_readiness_on_health()
     (rs,) = [o for o in yaml.safe_load_all((ROOT / "k8s/base/rayservice-specserve.yaml").read_text()) if o]
     (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
     args = AppConfig.model_validate(app["args"])
-    assert (args.model.engine, args.drafter.vllm_method) == ("vllm", "local")
+    assert (args.model.engine, args.drafter.vllm_placement) == ("vllm", "vllm_worker")
     templates = pod_templates(rs)
     for group in ("draft", "target"):
         assert "/health" in templates[group]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"][-1]

@@ -21,9 +21,11 @@ def test_bad_engine_input_is_one_line_naming_it(args, named):
 
 
 @pytest.mark.parametrize("yaml_text, named", [
-    ("model: {engine: hf}\ndrafter: {vllm_method: ngram}\n", "drafter.vllm_method"),
+    ("model: {engine: hf}\ndrafter: {vllm_placement: vllm_worker}\n", "drafter.vllm_placement"),
     ("model: {engine: vllm}\ndrafter: {kind: block}\n", "drafter.kind"),
-    ("model: {engine: vllm}\ndrafter: {vllm_method: medusa2}\n", "vllm_method"),
+    ("model: {engine: vllm}\ndrafter: {vllm_placement: vllm_builtin, vllm_builtin_method: medusa2}\n",
+     "vllm_builtin_method"),
+    ("model: {engine: vllm}\ndrafter: {vllm_method: local}\n", "'vllm_placement: vllm_worker'"),  # the old key
     ("model: {engine: vllm, vllm: {k_per_batch_size: [[2, 8, 3]]}}\n", "k_per_batch_size"),
     ("model: {engine: hf}\ndrafter: {kind: draft_model, path: /m}\ntopology: {draft_placement: router}\n",
      "topology.draft_placement"),
@@ -41,7 +43,8 @@ def test_serve_refuses_a_bad_engine_config_before_starting_anything(tmp_path, ya
 def test_bench_serve_measures_as_default_what_serve_runs():
     import argparse
 
-    from deployments.bench import add_parser, build_targets
+    from deployments.bench import add_parser
+    from deployments.bench_targets import build_targets
     from specserve.config import apply_serve_defaults
 
     sub = argparse.ArgumentParser().add_subparsers()
@@ -54,6 +57,25 @@ def test_bench_serve_measures_as_default_what_serve_runs():
     assert default.app_args["model"]["engine"] == served["model"].get("engine", "hf")
     assert default.app_args.get("drafter") == served.get("drafter")
     assert [p.label for p in peers] == ["`vllm serve` plain", "`vllm serve` ngram k=4"]
+
+
+def test_bench_serve_drafter_specs_map_to_the_drafter_placement_fields():
+    from deployments.bench_targets import drafter_from_spec
+    from specserve.config import DrafterConfig
+    from specserve.errors import SpecServeError
+
+    def fields(spec):
+        d = DrafterConfig.model_validate(drafter_from_spec(spec, 4, True))
+        return d.kind, d.vllm_placement, d.vllm_builtin_method, d.path
+
+    assert fields("ngram") == ("ngram", "draft_workers", None, None)
+    assert fields("vllm:local") == ("ngram", "vllm_worker", None, None)
+    assert fields("vllm:local:suffix") == ("suffix", "vllm_worker", None, None)
+    assert fields("vllm:suffix")[1:3] == ("vllm_builtin", "suffix")
+    assert fields("vllm:dflash:/m")[1:] == ("vllm_builtin", "dflash", "/m")
+    for bad in ("vllm:local:draft_model", "vllm:medusa2"):
+        with pytest.raises(SpecServeError, match="--drafter"):
+            drafter_from_spec(bad, 4, True)
 
 
 def test_bench_serve_rounds_report_the_median_round_per_concurrency():

@@ -167,7 +167,7 @@ def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(lo
     # Our n-gram in vLLM's worker, adaptive k from the verification cost it measures. The 3 short prompts
     # run a second time in the same batch with "speculative": false: plain decoding, same tokens.
     plain = GREEDY.model_copy(update={"speculative": False})
-    results, stats, workers = run_once(loop, replica({"kind": "ngram", "vllm_method": "local",
+    results, stats, workers = run_once(loop, replica({"kind": "ngram", "vllm_placement": "vllm_worker",
                                                       "num_speculative_tokens": 4}),
                                        prompts + prompts[:3], [GREEDY] * len(prompts) + [plain] * 3)
     assert workers == 0, "local drafting starts no draft worker"
@@ -183,7 +183,7 @@ def test_the_local_suffix_drafter_inside_vllm_is_exact_and_learns_across_request
     # Our suffix drafter in vLLM's worker, keyed by vLLM's request ids: a request's output joins the
     # replica's cross-request cache as soon as vLLM drops it. The same prompts a second time draft their
     # answers from the cache; a tenant's requests (an API key's) read only that tenant's cache.
-    core = start_core(loop, replica({"kind": "suffix", "vllm_method": "local", "num_speculative_tokens": 8}))
+    core = start_core(loop, replica({"kind": "suffix", "vllm_placement": "vllm_worker", "num_speculative_tokens": 8}))
     try:
         cold = run_all(loop, core, prompts)
         warm = run_all(loop, core, prompts)

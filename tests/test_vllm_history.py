@@ -120,7 +120,10 @@ def test_an_optional_k_schedule_caps_by_batch_size(batch, expected):
 @pytest.mark.parametrize("model, drafter, param", [
     ({"engine": "vllm"}, {"kind": "block"}, "drafter.kind"),
     ({"engine": "vllm"}, {"kind": "ngram", "tree": {"max_nodes": 8}}, "drafter.tree.max_nodes"),
-    ({"engine": "hf"}, {"vllm_method": "ngram"}, "drafter.vllm_method"),
+    ({"engine": "hf"}, {"vllm_placement": "vllm_builtin", "vllm_builtin_method": "ngram"}, "drafter.vllm_placement"),
+    ({"engine": "hf"}, {"vllm_placement": "vllm_worker"}, "drafter.vllm_placement"),
+    ({"engine": "vllm"}, {"kind": "draft_model", "path": "/m", "vllm_placement": "vllm_worker"},
+     "drafter.vllm_placement"),
 ])
 def test_a_drafter_the_engine_cannot_run_is_refused_naming_the_field(model, drafter, param):
     with pytest.raises(SpecServeError) as e:
@@ -141,25 +144,50 @@ def test_bad_vllm_model_settings_name_the_field(data, field):
     assert field in str(e.value)
 
 
-def test_unknown_vllm_method_and_missing_path_are_refused():
+def test_unknown_vllm_builtin_method_and_missing_path_are_refused():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="vllm_method"):
-        DrafterConfig(vllm_method="medusa2")
+    with pytest.raises(ValidationError, match="vllm_builtin_method"):
+        DrafterConfig(vllm_placement="vllm_builtin", vllm_builtin_method="medusa2")
+    with pytest.raises(ValidationError, match="vllm_placement"):
+        DrafterConfig(vllm_placement="remote")
     with pytest.raises(ValidationError, match="path"):
-        DrafterConfig(vllm_method="eagle3")
+        DrafterConfig(vllm_placement="vllm_builtin", vllm_builtin_method="eagle3")
+    # vLLM's own method and its placement go together.
+    with pytest.raises(ValidationError, match="needs vllm_builtin_method"):
+        DrafterConfig(vllm_placement="vllm_builtin")
+    with pytest.raises(ValidationError, match="set vllm_placement 'vllm_builtin'"):
+        DrafterConfig(vllm_builtin_method="ngram")
 
 
-@pytest.mark.parametrize("given, engine, method", [
-    ({}, "vllm", "local"),
+@pytest.mark.parametrize("old, new", [
+    ("remote", {"vllm_placement": "draft_workers"}),
+    ("local", {"vllm_placement": "vllm_worker"}),
+    ("ngram", {"vllm_placement": "vllm_builtin", "vllm_builtin_method": "ngram"}),
+    ("dflash", {"vllm_placement": "vllm_builtin", "vllm_builtin_method": "dflash"}),
+])
+def test_the_removed_vllm_method_is_refused_with_its_translation(old, new):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        DrafterConfig.model_validate({"vllm_method": old, "path": "/m"})
+    message = str(e.value)
+    assert e.value.errors()[0]["loc"] == ("vllm_method",)  # errors name drafter.vllm_method
+    assert "vllm_placement" in message and "vllm_builtin_method" in message
+    assert f"Replace 'vllm_method: {old}' with '{', '.join(f'{k}: {v}' for k, v in new.items())}'" in message
+    DrafterConfig.model_validate({**new, "path": "/m"})  # the translation is valid
+
+
+@pytest.mark.parametrize("given, engine, placement", [
+    ({}, "vllm", "vllm_worker"),
     ({"model": {"engine": "hf"}}, "hf", None),
     ({"drafter": {"kind": "block"}}, None, None),
-    ({"drafter": {"kind": "none"}}, "vllm", "remote"),
+    ({"drafter": {"kind": "none"}}, "vllm", "draft_workers"),
 ])
-def test_serve_defaults_pick_engine_vllm_only_where_the_config_is_silent_and_it_fits(given, engine, method):
+def test_serve_defaults_pick_engine_vllm_only_where_the_config_is_silent_and_it_fits(given, engine, placement):
     from specserve.config import apply_serve_defaults
 
     out = apply_serve_defaults(given)
     assert out.get("model", {}).get("engine") == engine
-    if method:
-        assert DrafterConfig.model_validate(out.get("drafter", {})).vllm_method == method
+    if placement:
+        assert DrafterConfig.model_validate(out.get("drafter", {})).vllm_placement == placement
