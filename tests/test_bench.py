@@ -56,6 +56,12 @@ def test_bench_writes_results_and_plot_with_exact_outputs(tiny_target, tmp_path)
         assert row["runs"]["hf_generate"]["matches_baseline"]  # transformers agrees with our plain decoding
         assert row["runs"]["none"]["speedup"] == 1.0
     assert results["overall"]["ngram"]["prompts"] == 2
+    # Tokens per pass count every target pass: plain decoding commits exactly one token per pass.
+    overall = results["overall"]
+    assert overall["none"]["tokens_per_pass"] == 1.0
+    steps = sum(row["runs"]["ngram"]["stats"]["num_steps"] for row in saved["prompts"])
+    assert overall["ngram"]["tokens_per_pass"] == pytest.approx(24 / steps) and steps < 24
+    assert "| tokens / pass |" in bench_table(results)
     assert (tmp_path / "speedup.png").stat().st_size > 10_000
 
 
