@@ -9,7 +9,8 @@ from pydantic import Field, model_validator
 from specserve.config import DrafterConfig, StrictModel
 
 #: Drafters cheap enough to run inside the router (no model, no torch work): draft_placement 'auto' puts them there.
-ROUTER_DRAFTERS = ("ngram",)
+#: The suffix drafter there also keeps one cross-request cache per replica (draft workers would keep one each).
+ROUTER_DRAFTERS = ("ngram", "suffix")
 
 
 class ActorResources(StrictModel):
@@ -44,8 +45,9 @@ class TopologyConfig(StrictModel):
     draft_placement: Literal["auto", "router", "workers"] = Field(
         "auto",
         description="Where drafting runs on engine 'hf'. 'workers': on the draft worker actors. 'router': inside "
-        "the router process, no actor hop per block (model-free drafters only: 'ngram'). 'auto': 'router' for "
-        "'ngram' (a lookup costs less than the hop to another actor), 'workers' for drafters with a model.",
+        "the router process, no actor hop per block (model-free drafters only: 'ngram', 'suffix'). 'auto': 'router' "
+        "for 'ngram' and 'suffix' (a lookup costs less than the hop to another actor; suffix keeps one cross-request "
+        "cache per replica), 'workers' for drafters with a model.",
     )
     num_target_groups: int = Field(1, ge=1, le=256, description="Target replicas, each a tensor-parallel group.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks (GPUs) per target group.")

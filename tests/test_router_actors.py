@@ -121,13 +121,15 @@ def test_actors_land_on_the_nodes_their_resources_name(cluster, even_tiny_dir):
 
 @pytest.mark.parametrize("drafter,placement,pipelining,batching,tree", [
     ("ngram", "workers", False, True, 0), ("ngram", "auto", False, True, 0), ("self", "workers", True, True, 0),
-    ("self", "workers", False, False, 0), ("ngram", "auto", False, True, 8), ("self", "workers", True, True, 6)],
+    ("self", "workers", False, False, 0), ("ngram", "auto", False, True, 8), ("self", "workers", True, True, 6),
+    ("suffix", "auto", False, True, 8)],
     ids=["ngram-worker-batched", "ngram-in-router-batched", "self-draft-pipelined-batched",
-         "self-draft-sequential-unbatched", "ngram-tree-in-router", "self-draft-tree-pipelined"])
+         "self-draft-sequential-unbatched", "ngram-tree-in-router", "self-draft-tree-pipelined",
+         "suffix-tree-in-router"])
 def test_tensor_parallel_speculative_greedy_equals_plain_greedy(cluster, even_tiny_dir, reference, tokenizer,
                                                                 drafter, placement, pipelining, batching, tree):
     # Self-drafting accepts every token in fp32, so pipelined blocks are used on almost every step.
-    drafter_cfg = {"kind": "draft_model", "path": str(even_tiny_dir)} if drafter == "self" else {"kind": "ngram"}
+    drafter_cfg = {"kind": "draft_model", "path": str(even_tiny_dir)} if drafter == "self" else {"kind": drafter}
     # Trees: chains and trees of the batch's sequences share one tensor-parallel pass (Verifier.step_mixed).
     drafter_cfg["tree"] = {"max_nodes": tree, "branching": 2, "adaptive": False}
     cfg = app_config(even_tiny_dir, drafter=drafter_cfg, router={"pipelining": pipelining, "batching": batching},
