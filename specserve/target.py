@@ -1,10 +1,11 @@
-"""The target side: per-sequence KV caches, one forward pass per block, acceptance, rollback.
+"""The target side: per-sequence KV caches, one forward pass per verification, acceptance, rollback.
 
 Cache invariant: a sequence's cache holds every committed token except the newest one.
-A step feeds ``[newest] + draft`` (k + 1 tokens), gets k + 1 next-token distributions,
-accepts n draft tokens plus one recovered/bonus token, and crops the cache back to the
-committed prefix (prior + newest + n accepted), dropping the k - n rejected entries.
-Plain decoding is the same step with k = 0.
+A step feeds ``[newest] + draft`` (k + 1 tokens for a chain, n + 1 for a tree of n nodes), gets
+one next-token distribution per input, accepts n draft tokens plus one recovered/bonus token, and
+keeps in the cache only the committed prefix (prior + newest + n accepted), dropping the rejected
+entries. :meth:`Verifier.verify` does this for any batch of chains and trees in one pass; plain
+decoding is the same step with k = 0.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import DynamicCache
 
 from specserve.config import SamplingParams
 from specserve.models import LoadedModel
-from specserve.sampling import TreeVerdict, Verdict, make_generator, verify_block, verify_tree
+from specserve.sampling import Verdict, make_generator, verify_block, verify_tree
 from specserve.tree import ROOT, DraftTree, ancestor_matrix
 
 
@@ -64,7 +65,7 @@ class StepResult:
 
 @dataclass
 class Verifier:
-    """Verifies blocks for many sequences against one target model.
+    """Verifies blocks and draft trees for many sequences against one target model.
 
     ``hidden_layers`` lists target layers whose hidden states are returned with each step
     (for drafters conditioned on the target); empty means none are computed.
@@ -102,9 +103,9 @@ class Verifier:
         common length, inputs right-padded; each row's additive 4D mask shows its inputs its real
         cache entries and their ancestors in the row's tree (padding inputs see only themselves).
         Then every row is accepted here: a chain with ``verify_block``, a tree with ``verify_tree``
-        (whose verdict is a :class:`TreeVerdict`), and the cache keeps the newest token and the
-        accepted inputs only (for a tree the accepted path is moved in place to follow the newest
-        token: ``num_accepted`` entries per layer, where re-feeding it would cost a second pass).
+        (its verdict a :class:`specserve.sampling.TreeVerdict`), and the cache keeps the newest token
+        and the accepted inputs only (for a tree the accepted path is moved in place to follow the
+        newest token: ``num_accepted`` entries per layer, where re-feeding it would cost a second pass).
 
         A batch of one sequence skips the padding: it runs on its own cache (no copy of it, no
         slice of a batched one), and a chain passes no mask or positions at all, the plain causal
@@ -112,6 +113,8 @@ class Verifier:
         A 4D mask gives logits bit-identical to the 2D padding mask of the same chains (fp32 and
         bf16, SDPA and eager, the tiny and the real model) and is not slower, so chains use it too.
         """
+        if not reqs:
+            return []
         t0 = time.perf_counter()
         states = [self.states[r.seq_id] for r in reqs]
         trees = [r.tree if isinstance(r, TreeStepRequest) else DraftTree.chain(list(r.draft_tokens)) for r in reqs]
@@ -149,15 +152,15 @@ class Verifier:
         results = []
         for i, (req, state, tree, n_cached, m) in enumerate(zip(reqs, states, trees, lens, sizes)):
             t1 = time.perf_counter()
-            if batch > 1:  # row i of the batched cache: its real entries and its inputs, without the padding
-                state.cache = _row_cache(out.past_key_values, i, max_len - n_cached, max_len + m)
             logits = out.logits[i, :m]  # [m, vocab]
             if isinstance(req, TreeStepRequest):
                 verdict: Verdict = verify_tree(logits, tree, state.params, state.generator)
                 kept = [0] + [node + 1 for node in verdict.path]  # input indices: the root, then the accepted path
             else:
                 verdict = verify_block(logits, req.draft_tokens, req.draft_probs, state.params, state.generator)
-                kept = list(range(verdict.num_accepted + 1))
+                kept = list(range(verdict.num_accepted + 1))  # the newest token and the accepted prefix
+            if batch > 1:  # row i of the batched cache, without the padding: its entries up to the last kept input
+                state.cache = _row_cache(out.past_key_values, i, max_len - n_cached, max_len + kept[-1] + 1)
             _keep_slots(state.cache, n_cached, kept)
             state.num_cached = n_cached + len(kept)
             hidden = self._features(out, i, kept)
@@ -165,7 +168,10 @@ class Verifier:
         return results
 
     def _forward(self, state: TargetState, inputs: list[int], logits: bool = True):
-        """One sequence's pass over ``inputs``; ``logits=False`` (a prefill) computes only the last row's."""
+        """One sequence's plain causal pass over ``inputs`` (the prefill of :meth:`add`).
+
+        ``logits=False`` computes only the last row's logits (a prefill never uses them).
+        """
         ids = torch.tensor([inputs], device=self.target.device)  # [1, m]
         out = self._model(
             len(inputs) if logits else 1,

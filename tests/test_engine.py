@@ -154,8 +154,8 @@ def test_batched_verification_equals_one_at_a_time(tiny_target):
         batched.add(f"s{i}", ids, params)
     for _ in range(3):
         reqs = [StepRequest(f"s{i}", prompts[i][-1], drafts[i]) for i in range(4)]
-        one = [single.step(r) for r in reqs]
-        many = batched.step_batch(reqs)
+        one = [single.verify([r])[0] for r in reqs]
+        many = batched.verify(reqs)
         assert [a.verdict for a in one] == [b.verdict for b in many]
         for i in range(4):
             assert single.states[f"s{i}"].num_cached == batched.states[f"s{i}"].num_cached

@@ -130,7 +130,7 @@ def test_tensor_parallel_speculative_greedy_equals_plain_greedy(cluster, even_ti
                                                                 drafter, placement, pipelining, batching, tree):
     # Self-drafting accepts every token in fp32, so pipelined blocks are used on almost every step.
     drafter_cfg = {"kind": "draft_model", "path": str(even_tiny_dir)} if drafter == "self" else {"kind": drafter}
-    # Trees: chains and trees of the batch's sequences share one tensor-parallel pass (Verifier.step_mixed).
+    # Trees: chains and trees of the batch's sequences share one tensor-parallel pass (Verifier.verify).
     drafter_cfg["tree"] = {"max_nodes": tree, "branching": 2, "adaptive": False}
     cfg = app_config(even_tiny_dir, drafter=drafter_cfg, router={"pipelining": pipelining, "batching": batching},
                      topology={"draft_placement": placement})

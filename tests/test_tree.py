@@ -184,7 +184,7 @@ def test_a_bool_tree_mask_is_silently_wrong_in_eager_attention(tiny_target):
         model.set_attn_implementation(before)
 
 
-def test_step_tree_keeps_only_the_accepted_path_in_the_cache(tiny_target, attn):
+def test_tree_pass_keeps_only_the_accepted_path_in_the_cache(tiny_target, attn):
     """After a tree step the cache equals the cache of the committed tokens fed in order."""
     prompt = tiny_target.tokenizer.encode(PROMPTS[0])
     params = SamplingParams(max_tokens=8)
@@ -198,7 +198,7 @@ def test_step_tree_keeps_only_the_accepted_path_in_the_cache(tiny_target, attn):
     a = tree.add(first, ROOT, 0.4)
     tree.add(12, a, 0.5)
     tree.add(second, a, 0.5)
-    result = verifier.step_tree(TreeStepRequest("s", prompt[-1], tree))
+    result = verifier.verify([TreeStepRequest("s", prompt[-1], tree)])[0]
     assert result.verdict.path == [1, 3] and result.verdict.tokens[:2] == [first, second]
     committed = prompt + result.verdict.tokens
     state = verifier.states["s"]
@@ -208,19 +208,19 @@ def test_step_tree_keeps_only_the_accepted_path_in_the_cache(tiny_target, attn):
         torch.testing.assert_close(mine.keys, ref.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mine.values, ref.values, atol=1e-5, rtol=1e-5)
     # And the next ordinary step continues exactly as plain decoding would.
-    nxt = verifier.step(StepRequest("s", committed[-1], []))
+    nxt = verifier.verify([StepRequest("s", committed[-1], [])])[0]
     with torch.inference_mode():
         want = tiny_target.model(input_ids=torch.tensor([committed])).logits[0, -1].argmax().item()
     assert nxt.verdict.tokens == [want]
 
 
-def test_step_tree_returns_target_features_of_the_kept_inputs(tiny_target):
+def test_tree_pass_returns_target_features_of_the_kept_inputs(tiny_target):
     prompt = tiny_target.tokenizer.encode(PROMPTS[3])
     verifier = Verifier(tiny_target, hidden_layers=(0, 1))
     verifier.add("s", prompt, SamplingParams())
     tree = DraftTree()
     tree.add(11, ROOT, 0.6)
-    result = verifier.step_tree(TreeStepRequest("s", prompt[-1], tree))
+    result = verifier.verify([TreeStepRequest("s", prompt[-1], tree)])[0]
     kept = result.verdict.num_accepted + 1
     assert result.hidden.shape == (kept, 2 * tiny_target.model.config.hidden_size)
 
@@ -246,8 +246,8 @@ def test_mixed_batch_of_chains_and_trees_equals_one_at_a_time(tiny_target, attn)
                 a = tree.add(nxt[0], ROOT, 0.4)
                 tree.add(9, a, 0.5)
                 reqs.append(TreeStepRequest(f"s{i}", ids[-1], tree))
-        one = [single.step_tree(r) if isinstance(r, TreeStepRequest) else single.step(r) for r in reqs]
-        many = batched.step_mixed(reqs)
+        one = [single.verify([r])[0] for r in reqs]
+        many = batched.verify(reqs)
         assert [a.verdict for a in one] == [b.verdict for b in many]
         for i in range(len(prompts)):
             a, b = single.states[f"s{i}"], batched.states[f"s{i}"]
