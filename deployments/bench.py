@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from deployments import bench_report
 from deployments.bench_in_process import in_process_baseline
-from deployments.bench_load import WARM_STREAMS
+from deployments.bench_load import WARM_STREAMS, unseen_slices
 from deployments.bench_measure import measure_server
 from deployments.bench_targets import VLLM_PLAIN, build_targets
 from specserve.errors import SpecServeError
@@ -63,6 +63,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = [p["prompt"] for source in args.prompts for p in load_prompts(source)[: args.limit]]
+    if args.unseen_prompts:
+        unseen_slices(len(prompts), args.concurrency, args.waves)  # enough prompts? (before any server starts)
     warm_prompts = [p["prompt"] for source in args.warm_prompts for p in load_prompts(source, "--warm-prompts")]
     model = {"model": args.model, "dtype": args.dtype}
     info = ModelInfo.load(ModelConfig(**model))
@@ -71,6 +73,7 @@ def run(args) -> int:
         str(resolve_dtype(args.dtype, "cpu"))]
     results: dict = {"config": {"model": model, "max_tokens": args.max_tokens, "prompts": len(prompts),
                                 "concurrency": args.concurrency, "waves": args.waves, "k": args.k,
+                                "unseen_prompts": args.unseen_prompts,
                                 "peer_k": args.peer_k, "warm_prompts": len(warm_prompts),
                                 "warm_prompt_sources": args.warm_prompts, "warm_streams": WARM_STREAMS,
                                 "command": " ".join(sys.argv)},
@@ -139,6 +142,10 @@ def add_parser(sub) -> None:
     p.add_argument("--waves", type=int, default=3,
                    help="at concurrency c, c clients send requests back to back until WAVES x c requests (and "
                    "every prompt at least once) are done")
+    p.add_argument("--unseen-prompts", action="store_true",
+                   help="send no prompt twice: the engine warm-up and every concurrency take prompts of their own "
+                   "(WAVES x c each, so many prompts are needed, e.g. sharegpt:200); fair to drafters that learn "
+                   "across requests (suffix), which would draft a repeated prompt's earlier answer")
     p.add_argument("--port", type=int, default=8000, help="port of every server under test (one at a time)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process engine and each actor")
     p.add_argument("--only-default", action="store_true",
@@ -173,6 +180,9 @@ def add_parser(sub) -> None:
                 raise SpecServeError(f"{flag} must be at least 1, got {value}", param=flag)
         if args.kill_leftovers and args.allow_leftovers:
             raise SpecServeError("--kill-leftovers and --allow-leftovers exclude each other", param="--kill-leftovers")
+        if args.unseen_prompts and args.rounds > 1:
+            raise SpecServeError("--unseen-prompts takes one round (a second round would repeat the prompts): "
+                                 "drop --rounds", param="--unseen-prompts")
         args.drafter = args.drafter or ["ngram"]
         args.engine = args.engine or ["hf"]
         return run(args)

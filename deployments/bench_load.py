@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cluster.local import LOOPBACK
+from specserve.errors import SpecServeError
 
 #: Model name every server under test answers to.
 SERVED_NAME = "bench"
@@ -116,6 +117,28 @@ def send_warm_prompts(port: int, prompts: list[str], max_tokens: int, desc: str 
 def requests_per_run(concurrency: int, waves: int, prompts: int) -> int:
     """``waves`` full waves of ``concurrency`` requests, and every prompt at least once."""
     return max(waves * concurrency, prompts)
+
+
+def unseen_slices(num_prompts: int, concurrencies: list[int], waves: int) -> tuple[range, list[range]]:
+    """Prompt indices for ``--unseen-prompts``: (the engine warm-up's, one slice per concurrency).
+
+    A drafter that learns across requests (the suffix cache) drafts a prompt's earlier answer when the
+    prompt comes again, which a benchmark that cycles its prompts would count as speed. Here no prompt is
+    sent twice by the warm-up and the measured waves: the warm-up takes the first ``max(concurrencies)``
+    prompts, then each concurrency ``waves x concurrency`` prompts of its own.
+    """
+    warm = max(concurrencies)
+    sizes = [waves * c for c in concurrencies]
+    need = warm + sum(sizes)
+    if num_prompts < need:
+        raise SpecServeError(f"--unseen-prompts needs {need} prompts for concurrency {concurrencies} x {waves} waves "
+                             f"plus {warm} for the engine warm-up; --prompts gave {num_prompts} (add a source such as "
+                             f"sharegpt:{need})", "--unseen-prompts")
+    slices, start = [], warm
+    for size in sizes:
+        slices.append(range(start, start + size))
+        start += size
+    return range(warm), slices
 
 
 def _ms(values: list[float], q: float) -> float | None:

@@ -12,7 +12,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cluster.local import LOOPBACK
-from deployments.bench_load import requests_per_run, run_closed_loop, send_warm_prompts, summarize
+from deployments.bench_load import (
+    requests_per_run,
+    run_closed_loop,
+    send_warm_prompts,
+    summarize,
+    unseen_slices,
+)
 from deployments.bench_profile import CpuProfile
 from deployments.bench_servers import Server, check_leftovers, start_hosted, start_vllm_serve
 from deployments.bench_targets import Target
@@ -40,14 +46,25 @@ def warm_up(port: int, prompts: list[str], args) -> None:
 
 
 def measure(label: str, server: Server, prompts: list[str], args) -> list[dict]:
-    """Warm up, then a closed loop of ``--waves`` full waves at every concurrency, each profiled."""
-    warm_up(args.port, prompts, args)
+    """Warm up, then a closed loop of ``--waves`` full waves at every concurrency, each profiled.
+
+    With ``--unseen-prompts`` the warm-up and every concurrency take prompts of their own
+    (:func:`deployments.bench_load.unseen_slices`): no request repeats an earlier one.
+    """
+    if getattr(args, "unseen_prompts", False):
+        warm, slices = unseen_slices(len(prompts), args.concurrency, args.waves)
+        per_run = [[prompts[i] for i in s] for s in slices]
+        warm_up(args.port, [prompts[i] for i in warm], args)
+    else:
+        per_run = [prompts] * len(args.concurrency)
+        warm_up(args.port, prompts, args)
     rows = []
-    for conc in args.concurrency:
+    for conc, run_prompts in zip(args.concurrency, per_run):
         server.track()
         with CpuProfile(server.pid) as profile:
-            records, wall = run_closed_loop(args.port, prompts, args.max_tokens, conc,
-                                            requests_per_run(conc, args.waves, len(prompts)), desc=f"{label} c={conc}")
+            records, wall = run_closed_loop(args.port, run_prompts, args.max_tokens, conc,
+                                            requests_per_run(conc, args.waves, len(run_prompts)),
+                                            desc=f"{label} c={conc}")
         row = summarize(records, wall, conc)
         row["cpu"] = profile.result(row["tokens"])
         rows.append(row)

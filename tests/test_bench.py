@@ -28,7 +28,9 @@ from deployments.bench_load import (
     run_closed_loop,
     send_warm_prompts,
     summarize,
+    unseen_slices,
 )
+from deployments.bench_measure import measure
 from deployments.bench_profile import CLIENT, CpuProfile
 from deployments.bench_report import markdown_table, profile_table
 from deployments.bench_servers import Server, check_leftovers
@@ -231,6 +233,33 @@ def test_closed_loop_sends_every_prompt_once_even_when_the_waves_are_fewer(fresh
     records, _ = run_closed_loop(port, PROMPTS, 16, concurrency=1, requests=5)
     assert state.prompts == PROMPTS and state.peak == 1
     assert [r.prompt_index for r in records] == [0, 1, 2, 3, 4]
+
+
+class _ServerHere:
+    """The handle ``measure`` takes for a server: the in-thread SSE server's process is this one."""
+
+    pid = os.getpid()
+
+    def track(self) -> None:
+        """Nothing to track: the server started no processes."""
+
+
+def test_unseen_prompts_send_no_prompt_twice_across_warm_up_and_concurrencies(fresh):
+    port, state = fresh
+    prompts = [f"prompt {i} " + "word " * i for i in range(9)]
+    args = SimpleNamespace(port=port, concurrency=[1, 2], waves=2, max_tokens=16, unseen_prompts=True)
+    rows = measure("unseen", _ServerHere(), prompts, args)
+    # Warm-up: one whole response, then a batch of 2 (the largest concurrency) from its own 2 prompts.
+    warm, measured = state.prompts[:3], state.prompts[3:]
+    assert sorted(set(warm)) == prompts[:2]
+    assert sorted(measured) == sorted(prompts[2:8]) and len(set(measured)) == len(measured)  # 2 x 1 + 2 x 2
+    assert [r["requests"] for r in rows] == [2, 4] and all(r["failed"] == 0 for r in rows)
+    # Without the flag the same prompts cycle: every concurrency sends the list again.
+    state.prompts.clear()
+    measure("cycling", _ServerHere(), prompts, SimpleNamespace(**{**vars(args), "unseen_prompts": False}))
+    assert len(state.prompts) > len(set(state.prompts))
+    with pytest.raises(SpecServeError, match=r"--unseen-prompts needs 11 prompts .* gave 9 .*sharegpt:11"):
+        unseen_slices(9, [1, 2], 3)
 
 
 def test_warm_prompts_are_sent_once_each_a_few_streams_at_a_time_and_failures_counted(fresh):
