@@ -1,9 +1,9 @@
-"""Draft proposers for the router's requests: a draft worker, or none at all.
+"""The draft-worker proposer of the router's requests.
 
 :class:`RemoteProposer` is a :class:`actors.draft_worker.DraftWorker` as the
 :class:`specserve.step.Proposer` of one request (one actor hop per block, pipelined drafting of the
-next block while the current one is verified, plain decoding while the worker is down);
-:class:`NoDraft` is the proposer of a replica without draft workers.
+next block while the current one is verified, plain decoding while the worker is down). A request
+without a draft worker decodes through :class:`specserve.engine.LocalProposer` with the 'none' drafter.
 """
 
 from __future__ import annotations
@@ -115,19 +115,3 @@ class RemoteProposer:
         # verification accepted exactly that path.
         if ref is not None and result.verdict.tokens[:-1] == block.token_ids:
             self.ready = (ref, result.verdict.tokens[-1])
-
-
-class NoDraft:
-    """The proposer of a replica without draft workers: every step is plain decoding."""
-
-    async def start(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
-        """Nothing to set up."""
-
-    async def propose(self, seq: Sequence, k: int) -> DraftBlock:
-        return NO_DRAFT
-
-    def speculate(self, seq: Sequence, block: DraftBlock) -> None:
-        """Nothing to pipeline."""
-
-    def observe(self, seq: Sequence, block: DraftBlock, result: StepResult) -> None:
-        """Nothing to learn."""

@@ -35,7 +35,7 @@ from actors.config import ReplicaConfig
 from actors.core import ReplicaCore, least_loaded, pipelining_pays
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
-from actors.remote_proposer import NoDraft, RemoteProposer
+from actors.remote_proposer import RemoteProposer
 from actors.streaming import RequestStream
 from actors.target_worker import TargetGroup
 from cluster.placement import actor_options
@@ -43,6 +43,7 @@ from specserve.config import SamplingParams
 from specserve.cost import VerifyCost
 from specserve.drafters import make_drafter
 from specserve.drafters.base import DraftBlock
+from specserve.drafters.none import NoDrafter
 from specserve.engine import LocalProposer
 from specserve.errors import TargetFailed
 from specserve.models import ModelInfo
@@ -124,6 +125,7 @@ class RouterCore(ReplicaCore):
         self.workers: list = []
         self.worker_info: dict = {}
         self.local_proposer: LocalProposer | None = None  # the router's own drafter (draft_placement 'router')
+        self.plain_proposer = LocalProposer(NoDrafter())  # requests without a draft worker: plain decoding
         self.rebuilding: dict[int, asyncio.Task] = {}
         self._request_numbers = itertools.count()  # names requests that come without an id
         self._worker_turns = itertools.count()  # round robin over draft workers
@@ -219,7 +221,8 @@ class RouterCore(ReplicaCore):
         drafts = await asyncio.gather(*[w.num_sequences.remote() for w in self.workers], return_exceptions=True)
         targets = await asyncio.gather(*[g.num_sequences() for g in self.groups], return_exceptions=True)
         return {"router": len(self.requests),
-                "router_drafter": len(self.local_proposer.pending_hidden) if self.local_proposer else 0,
+                "router_drafter": len(self.plain_proposer.pending_hidden)
+                + (len(self.local_proposer.pending_hidden) if self.local_proposer else 0),
                 "draft_workers": [d if isinstance(d, int) else -1 for d in drafts],
                 "target_groups": [t if isinstance(t, int) else -1 for t in targets]}
 
@@ -245,7 +248,7 @@ class RouterCore(ReplicaCore):
         if self.local_proposer is not None:
             proposer = self.local_proposer
         elif req.worker_index is None:
-            proposer = NoDraft()
+            proposer = self.plain_proposer
         else:
             proposer = RemoteProposer(self.workers[req.worker_index], params, self.metrics,
                                       pipelining=pipelining, needs_features=needs_features)
@@ -275,6 +278,8 @@ class RouterCore(ReplicaCore):
         self.metrics.set_queue(len(self.requests), self.num_waiting)
         if self.local_proposer is not None:
             self.local_proposer.finish(req.seq)
+        elif req.worker_index is None:
+            self.plain_proposer.finish(req.seq)
         task = asyncio.get_running_loop().create_task(self._free_remote(req))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)

@@ -225,6 +225,20 @@ def test_a_dead_target_rank_fails_its_requests_clearly_and_the_group_is_rebuilt(
     assert held["router"] == 0 and held["target_groups"] == [0]
 
 
+def test_a_replica_without_a_drafter_decodes_plainly_and_holds_nothing_afterwards(cluster, even_tiny_dir, reference,
+                                                                                  tokenizer):
+    cfg = app_config(even_tiny_dir, drafter={"kind": "none", "num_speculative_tokens": 0})
+
+    async def body(core):
+        outs = await asyncio.gather(*[_run(core, tokenizer.encode(p), PARAMS) for p in PROMPTS[:2]])
+        return outs, await core.held_sequences(), len(core.workers)
+
+    outs, held, workers = run_router(cfg, body)
+    assert outs == [reference[p] for p in PROMPTS[:2]]
+    assert workers == 0
+    assert held == {"router": 0, "router_drafter": 0, "draft_workers": [], "target_groups": [0]}
+
+
 def test_requests_without_ids_spread_over_two_draft_workers(cluster, even_tiny_dir, reference, tokenizer):
     cfg = app_config(even_tiny_dir, topology={"num_draft_workers": 2})
 
