@@ -37,6 +37,7 @@ from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.remote_proposer import RemoteProposer
 from actors.streaming import RequestStream
+from actors.suffix_hub import SuffixSync, hub_name
 from actors.target_worker import TargetGroup
 from cluster.placement import actor_options
 from specserve.config import SamplingParams
@@ -126,6 +127,7 @@ class RouterCore(ReplicaCore):
         self.worker_info: dict = {}
         self.local_proposer: LocalProposer | None = None  # the router's own drafter (draft_placement 'router')
         self.plain_proposer = LocalProposer(NoDrafter())  # requests without a draft worker: plain decoding
+        self.suffix_sync: SuffixSync | None = None  # the suffix cache shared with the other replicas
         self.rebuilding: dict[int, asyncio.Task] = {}
         self._request_numbers = itertools.count()  # names requests that come without an id
         self._worker_turns = itertools.count()  # round robin over draft workers
@@ -144,6 +146,10 @@ class RouterCore(ReplicaCore):
             self.local_proposer = LocalProposer(drafter)
             self.worker_info = {"drafter": drafter.name, "target_layers": [],
                                 "draft_cost_per_token": drafter.draft_cost_per_token}
+            if cfg.drafter.suffix_shared_cache:
+                suffix = getattr(drafter, "inner", drafter)  # a TreeDrafter drafts trees from the suffix drafter
+                self.suffix_sync = SuffixSync(suffix, hub_name(cfg.model.model), cfg.drafter.suffix_cache_requests)
+                self.suffix_sync.start()
         elif use_drafter:
             self.workers = [
                 DraftWorker.options(**actor_options(topo.draft_worker)).remote(
@@ -212,7 +218,8 @@ class RouterCore(ReplicaCore):
         """Live counts, for health checks and leak tests."""
         return {"running": len(self.requests), "waiting": self.num_waiting,
                 "groups": [{"index": g.index, "generation": g.generation, "ranks": len(g.ranks)} for g in self.groups],
-                "draft_workers": len(self.workers), "max_context": self.info.max_context}
+                "draft_workers": len(self.workers), "max_context": self.info.max_context,
+                **({"suffix_shared_received": self.suffix_sync.received} if self.suffix_sync else {})}
 
     async def held_sequences(self) -> dict:
         """Sequences held by every worker and rank 0 of every group (all 0 when idle)."""
@@ -312,6 +319,8 @@ class RouterCore(ReplicaCore):
 
     def shutdown(self) -> None:
         """Stop every actor this router started."""
+        if self.suffix_sync is not None:
+            self.suffix_sync.stop()
         for g in self.groups:
             g.shutdown()
         for w in self.workers:

@@ -79,6 +79,9 @@ def check_draft_placement(drafter: DrafterConfig, topology: TopologyConfig) -> N
     if topology.draft_placement == "router" and drafter.kind not in ROUTER_DRAFTERS + ("none",):
         raise ValueError(f"topology.draft_placement 'router' runs only model-free drafters "
                          f"({', '.join(ROUTER_DRAFTERS)}); drafter {drafter.kind!r} needs 'workers' or 'auto'")
+    if drafter.suffix_shared_cache and (drafter.kind != "suffix" or not drafts_in_router(drafter, topology)):
+        raise ValueError("drafter.suffix_shared_cache shares the suffix drafter's cache between routers: it needs "
+                         "drafter.kind 'suffix' drafting in the router (topology.draft_placement 'auto' or 'router')")
 
 
 def drafts_in_router(drafter: DrafterConfig, topology: TopologyConfig) -> bool:

@@ -278,6 +278,14 @@ class DrafterConfig(StrictModel):
         description="suffix drafter: cache finished requests' prompts with their outputs (repeated system prompts "
         "and documents; more memory per request).",
     )
+    suffix_shared_cache: bool = Field(
+        False,
+        description="suffix drafter on engine hf, drafting in the router: share the cross-request cache across the "
+        "app's replicas through one Ray actor. Each replica sends its finished outputs there and adds the other "
+        "replicas' to its own cache about once a second, off the decoding path (a step costs nothing extra; each "
+        "replica holds every replica's outputs, within the caps above). Per-tenant caches stay per tenant. Not "
+        "with engine vllm or draft workers.",
+    )
     verify_cost_per_token: float = Field(
         0.03,
         ge=0.0,
@@ -412,6 +420,10 @@ class EngineConfig(StrictModel):
 
 def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
     """Refuse a drafter the chosen engine cannot run, naming the field (SpecServeError)."""
+    if model.engine == "vllm" and drafter.suffix_shared_cache:
+        raise SpecServeError("drafter.suffix_shared_cache needs model.engine 'hf' (the suffix drafter drafting in the "
+                             "router); inside vLLM's worker each replica keeps its own cache",
+                             param="drafter.suffix_shared_cache")
     if model.engine == "hf" and drafter.vllm_placement != "draft_workers":
         raise SpecServeError(f"drafter.vllm_placement {drafter.vllm_placement!r} needs model.engine 'vllm' "
                              "(engine 'hf' drafts with drafter.kind; leave vllm_placement at 'draft_workers')",

@@ -10,8 +10,9 @@ import pytest
 from tiny_models import make_tiny_model
 
 from cluster.local import LocalCluster
-from specserve.config import DrafterConfig, ModelConfig, SamplingParams
+from specserve.config import DrafterConfig, ModelConfig, SamplingParams, check_engine_fits
 from specserve.engine import SpecEngine
+from specserve.errors import SpecServeError
 from specserve.models import load_model
 
 pytestmark = pytest.mark.ray
@@ -237,6 +238,51 @@ def test_a_replica_without_a_drafter_decodes_plainly_and_holds_nothing_afterward
     assert outs == [reference[p] for p in PROMPTS[:2]]
     assert workers == 0
     assert held == {"router": 0, "router_drafter": 0, "draft_workers": [], "target_groups": [0]}
+
+
+def test_two_replicas_sharing_the_suffix_cache_draft_each_others_answers(cluster, even_tiny_dir, reference,
+                                                                          tokenizer):
+    from actors.router import RouterCore
+
+    cfg = app_config(even_tiny_dir, drafter={"kind": "suffix", "num_speculative_tokens": 8,
+                                             "suffix_shared_cache": True},
+                     topology={"draft_placement": "auto"})
+    prompt = tokenizer.encode(PROMPTS[0])
+
+    async def main():
+        here, there = RouterCore(cfg), RouterCore(cfg)
+        await asyncio.gather(here.start(), there.start())
+        try:
+            cold_tokens, cold = await _run_with_stats(here, prompt, PARAMS)
+            # One trade each (the background task trades every second; called here to be deterministic).
+            await here.suffix_sync.exchange()
+            received = await there.suffix_sync.exchange()
+            warm_tokens, warm = await _run_with_stats(there, prompt, PARAMS)
+            return cold_tokens, cold, received, warm_tokens, warm, there.status()
+        finally:
+            here.shutdown()
+            there.shutdown()
+
+    cold_tokens, cold, received, warm_tokens, warm, status = asyncio.run(main())
+    assert cold_tokens == warm_tokens == reference[PROMPTS[0]]
+    assert received == 1 and status["suffix_shared_received"] == 1
+    # The second replica never saw the prompt; it drafts the answer the first one gave, from its first step (the
+    # same decoding without the shared answer is exactly the first replica's, a deterministic greedy fp32 run).
+    assert warm["num_accepted_tokens"] > cold["num_accepted_tokens"] + 4, (cold, warm)
+    assert warm["num_steps"] < cold["num_steps"], (cold, warm)
+
+
+def test_a_shared_suffix_cache_is_refused_where_it_cannot_run():
+    from deployments.config import AppConfig
+
+    base = {"model": {"model": "default"}, "drafter": {"kind": "ngram", "suffix_shared_cache": True}}
+    with pytest.raises(ValueError, match="suffix_shared_cache .* needs drafter.kind 'suffix' drafting in the router"):
+        AppConfig.model_validate(base)
+    with pytest.raises(ValueError, match="suffix_shared_cache .* needs drafter.kind 'suffix' drafting in the router"):
+        AppConfig.model_validate({**base, "drafter": {"kind": "suffix", "suffix_shared_cache": True},
+                                  "topology": {"draft_placement": "workers"}})
+    with pytest.raises(SpecServeError, match="suffix_shared_cache needs model.engine 'hf'"):
+        check_engine_fits(ModelConfig(engine="vllm"), DrafterConfig(kind="suffix", suffix_shared_cache=True))
 
 
 def test_requests_without_ids_spread_over_two_draft_workers(cluster, even_tiny_dir, reference, tokenizer):

@@ -239,6 +239,26 @@ def test_a_tenants_requests_read_and_feed_only_that_tenants_cache():
     assert drafts("a3", alice) == output[2:6]
 
 
+def test_a_sharing_drafter_hands_its_finished_outputs_to_another_replicas_drafter_per_tenant():
+    here, there = SuffixDrafter(min_match=2), SuffixDrafter(min_match=2)
+    here.share()
+    prompt, output = words("tell me a story"), words("once upon a time there was a fox")
+    other = words("please tell another story :")
+    alice = GREEDY.model_copy(update={"cache_tenant": "alice"})
+    finished(here, "r1", prompt, output)
+    here.start("r2", prompt, alice)
+    here.commit("r2", prompt + output[:4])
+    here.finish("r2")
+    sent = here.take_outbox()
+    assert sent == [(None, output), ("alice", output[:4])] and here.take_outbox() == []
+    assert SuffixDrafter().take_outbox() == []  # a drafter that does not share keeps no outbox
+    for tenant, tokens in sent:
+        there.learn(tenant, tokens)
+    there.start("new", other, GREEDY)
+    assert there.propose("new", other + output[:2], 8).token_ids == output[2:6]  # from the other replica
+    assert there.cache.num_tokens == len(output) and there.tenant_caches["alice"].num_tokens == 4
+
+
 def test_a_long_match_in_the_own_context_keeps_the_lead_over_the_cache():
     d = SuffixDrafter(min_match=2, own_weight=2.0)  # own matched tokens weigh twice the cache's
     for i in range(5):  # the cache saw "def f ( x ) : return x" five times

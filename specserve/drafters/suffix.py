@@ -272,6 +272,7 @@ class _Request:
     active: list[_Node] = field(default_factory=list)  # own suffixes that occurred before, by depth
     matches: list[Cursor] = field(default_factory=list)  # suffixes found in the global trie, by depth
     cache: SuffixCache | None = None  # the cross-request cache this request reads and, once finished, feeds
+    tenant: str | None = None  # whose cache that is (None: the shared one)
     version: int = -1  # the global trie's version ``matches`` belongs to
     matched: int = 0  # tokens ``matches`` has seen
 
@@ -323,6 +324,25 @@ class SuffixDrafter(Drafter):
         self.tenant_caches: dict[str, SuffixCache] = {}  # one per tenant (API key): isolation, see ``start``
         self._tenants_lock = threading.Lock()
         self.requests: dict[str, _Request] = {}
+        # Finished outputs for other replicas, (tenant, tokens), when a host shares the cache (``share``).
+        self.outbox: list[tuple[str | None, list[int]]] | None = None
+
+    def share(self) -> None:
+        """Keep every finished request's cached tokens in ``outbox`` too, for a host that sends them to other
+        replicas (:meth:`take_outbox`) and adds theirs here (:meth:`learn`)."""
+        self.outbox = []
+
+    def take_outbox(self) -> list[tuple[str | None, list[int]]]:
+        """The finished outputs since the last call, (tenant, tokens) each, oldest first."""
+        if self.outbox is None:
+            return []
+        with self._tenants_lock:
+            out, self.outbox = self.outbox, []
+        return out
+
+    def learn(self, tenant: str | None, tokens: list[int]) -> None:
+        """Add another replica's finished output to the tenant's cross-request cache (None: the shared one)."""
+        self._cache_for(tenant).add(tokens)
 
     def start(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
               target_hidden: torch.Tensor | None = None) -> None:
@@ -332,7 +352,8 @@ class SuffixDrafter(Drafter):
         cache per tenant closes it at the price of each tenant warming its own (each capped as the shared
         one is; tenants are API keys, so their number is the operator's).
         """
-        req = _Request(len(prompt_ids), SuffixTrie(self.max_depth), cache=self._cache_for(params.cache_tenant))
+        req = _Request(len(prompt_ids), SuffixTrie(self.max_depth), cache=self._cache_for(params.cache_tenant),
+                       tenant=params.cache_tenant)
         self._index(req, prompt_ids)
         self.requests[seq_id] = req
 
@@ -357,8 +378,13 @@ class SuffixDrafter(Drafter):
     def finish(self, seq_id: str) -> None:
         """Free the request's trie; its output (and prompt, with ``cache_prompts``) joins the global trie."""
         req = self.requests.pop(seq_id, None)
-        if req is not None:
-            req.cache.add(req.tokens if self.cache_prompts else req.tokens[req.prompt_len:])
+        if req is None:
+            return
+        tokens = req.tokens if self.cache_prompts else req.tokens[req.prompt_len:]
+        req.cache.add(tokens)
+        if self.outbox is not None and tokens:
+            with self._tenants_lock:
+                self.outbox.append((req.tenant, list(tokens)))
 
     def propose(self, seq_id: str, token_ids: list[int], k: int) -> DraftBlock:
         """A chain of up to ``k`` tokens: the most probable continuation, token by token."""
@@ -382,7 +408,7 @@ class SuffixDrafter(Drafter):
         """Bring the request's trie to ``token_ids`` (normally an extension; a rollback rebuilds it)."""
         n = len(req.tokens)
         if len(token_ids) < n or token_ids[:n] != req.tokens:
-            fresh = _Request(req.prompt_len, SuffixTrie(self.max_depth), cache=req.cache)
+            fresh = _Request(req.prompt_len, SuffixTrie(self.max_depth), cache=req.cache, tenant=req.tenant)
             self._index(fresh, token_ids)
             req.trie, req.tokens, req.active, req.version = fresh.trie, fresh.tokens, fresh.active, -1
         else:

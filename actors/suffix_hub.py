@@ -1,0 +1,101 @@
+"""One suffix cache for an app's replicas: a Ray actor that passes finished outputs between routers.
+
+Each router whose suffix drafter shares its cache (``drafter.suffix_shared_cache``) sends the outputs
+its requests finished to the hub and adds the other routers' to its own cache, about once a second
+(:class:`SuffixSync`). Lookups stay local: a decoding step never waits on the hub, and a hub that is
+gone costs the replicas only the sharing, never a request. The hub keeps the newest ``max_outputs``
+outputs, so a replica that joins late starts from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections import deque
+
+import ray
+from ray.exceptions import RayError
+
+from specserve.drafters.suffix import SuffixDrafter
+
+log = logging.getLogger("specserve.router")
+
+#: Seconds between a replica's exchanges with the hub.
+SYNC_INTERVAL_S = 1.0
+
+
+def hub_name(model: str) -> str:
+    """The hub's name: every replica serving ``model`` in this Ray namespace finds the same actor, and an app
+    serving another model never reads outputs of this one."""
+    return "specserve-suffix-hub-" + hashlib.sha256(model.encode()).hexdigest()[:12]
+
+
+@ray.remote(num_cpus=0)
+class SuffixHub:
+    """A log of finished outputs, (origin replica, tenant, tokens), numbered in arrival order."""
+
+    def __init__(self, max_outputs: int):
+        self.max_outputs = max_outputs
+        self.outputs: deque[tuple[int, str, str | None, list[int]]] = deque()  # (number, origin, tenant, tokens)
+        self.next_number = 0
+
+    def exchange(self, origin: str, after: int, outputs: list[tuple[str | None, list[int]]]
+                 ) -> tuple[int, list[tuple[str | None, list[int]]]]:
+        """Log ``outputs`` from ``origin``; return the other origins' outputs numbered from ``after`` on
+        (the oldest still held when ``after`` has left), and the number to ask from next time."""
+        news = [(tenant, tokens) for number, o, tenant, tokens in self.outputs if number >= after and o != origin]
+        for tenant, tokens in outputs:
+            self.outputs.append((self.next_number, origin, tenant, tokens))
+            self.next_number += 1
+        while len(self.outputs) > self.max_outputs:
+            self.outputs.popleft()
+        return self.next_number, news
+
+
+class SuffixSync:
+    """A router's side of the shared cache: a background task that trades its drafter's finished outputs
+    for the other replicas' every ``interval_s`` seconds."""
+
+    def __init__(self, drafter: SuffixDrafter, name: str, max_outputs: int, interval_s: float = SYNC_INTERVAL_S):
+        drafter.share()
+        self.drafter = drafter
+        self.name = name
+        self.max_outputs = max_outputs
+        self.interval_s = interval_s
+        self.origin = uuid.uuid4().hex
+        self.after = 0  # the next hub number this replica has not seen
+        self.received = 0  # outputs added from other replicas
+        self.hub = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Find or create the hub and start trading (call from the router's event loop)."""
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def exchange(self) -> int:
+        """One trade now: send what finished here, add what finished elsewhere; returns how many were added."""
+        outgoing = self.drafter.take_outbox()
+        try:
+            if self.hub is None:
+                self.hub = SuffixHub.options(name=self.name, get_if_exists=True).remote(self.max_outputs)
+            self.after, news = await self.hub.exchange.remote(self.origin, self.after, outgoing)
+        except RayError as e:  # the hub died with the replica that owned it: the next trade starts a new one
+            log.warning("suffix cache hub unreachable (%s); sharing resumes with a new hub", type(e).__name__)
+            self.hub, self.after = None, 0
+            return 0
+        for tenant, tokens in news:
+            self.drafter.learn(tenant, tokens)
+        self.received += len(news)
+        return len(news)
+
+    async def _run(self) -> None:
+        while True:
+            await self.exchange()
+            await asyncio.sleep(self.interval_s)
+
+    def stop(self) -> None:
+        """Stop trading (the hub stays for the other replicas)."""
+        if self.task is not None:
+            self.task.cancel()
