@@ -102,6 +102,11 @@ class DraftTree:
             node = max(kids, key=lambda i: (self.node_probs[i], -i))
             out.append(self.tokens[node])
 
+    @property
+    def is_chain(self) -> bool:
+        """True when every node is the only child of the one before it (a block drafted as a tree)."""
+        return all(p == i - 1 for i, p in enumerate(self.parents))  # node 0's parent: ROOT (-1)
+
     def children(self, node: int) -> list[int]:
         """Indices of ``node``'s children in node order (``node`` = ROOT for the root's)."""
         return [i for i, p in enumerate(self.parents) if p == node]

@@ -66,6 +66,29 @@ def test_one_tree_runs_on_its_own_cache_with_a_tree_mask(tiny_target):
     assert call["position_ids"].tolist() == [[base, base + 1, base + 1, base + 2]]
 
 
+def test_one_tree_without_branches_is_verified_as_its_chain(tiny_target):
+    """A tree drafter's tree that did not branch costs what its chain costs (no mask) and gets the same
+    verdict, cache and logits path as the chain of its tokens."""
+    prompt = tiny_target.tokenizer.encode(PROMPTS[1])
+    verifiers = {}
+    for name in ("chain", "tree"):
+        v = verifiers[name] = Verifier(tiny_target)
+        v.add("s", prompt, SamplingParams())
+    greedy = verifiers["chain"].verify([StepRequest("s", prompt[-1], [])])[0].verdict.tokens[0]
+    verifiers["tree"].verify([StepRequest("s", prompt[-1], [])])
+    draft = [greedy, 5, 6]
+    assert DraftTree.chain(draft).is_chain and not small_tree(7).is_chain
+    calls = spy(verifiers["tree"])
+    (chain,) = verifiers["chain"].verify([StepRequest("s", greedy, draft[1:])])
+    (tree,) = verifiers["tree"].verify([TreeStepRequest("s", greedy, DraftTree.chain(draft[1:]))])
+    (call,) = calls
+    assert call["attention_mask"] is None and call["position_ids"] is None
+    assert tree.verdict.tokens == chain.verdict.tokens
+    assert verifiers["tree"].states["s"].num_cached == verifiers["chain"].states["s"].num_cached
+    for a, b in zip(verifiers["tree"].states["s"].cache.layers, verifiers["chain"].states["s"].cache.layers):
+        assert torch.equal(a.keys, b.keys)
+
+
 @pytest.mark.parametrize("with_trees", [False, True])
 def test_batch_rows_get_the_verdicts_features_and_caches_of_single_passes(tiny_target, with_trees):
     """Ragged caches (one empty), chains (some empty) and trees in one padded pass: per row the same
