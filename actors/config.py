@@ -51,7 +51,7 @@ class ReplicaConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_placement(self) -> ReplicaConfig:
-        check_draft_placement(self.drafter, self.topology)
+        check_draft_placement(self.drafter, self.topology, self.model.engine)
         return self
 
     @property

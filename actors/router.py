@@ -37,7 +37,7 @@ from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.remote_proposer import RemoteProposer
 from actors.streaming import RequestStream
-from actors.suffix_hub import SuffixSync, hub_name
+from actors.suffix_hub import DrafterCache, SuffixSync, hub_name
 from actors.target_worker import TargetGroup
 from cluster.placement import actor_options
 from specserve.config import SamplingParams
@@ -148,7 +148,8 @@ class RouterCore(ReplicaCore):
                                 "draft_cost_per_token": drafter.draft_cost_per_token}
             if cfg.drafter.suffix_shared_cache:
                 suffix = getattr(drafter, "inner", drafter)  # a TreeDrafter drafts trees from the suffix drafter
-                self.suffix_sync = SuffixSync(suffix, hub_name(cfg.model.model), cfg.drafter.suffix_cache_requests)
+                self.suffix_sync = SuffixSync(DrafterCache(suffix), hub_name(cfg.model.model),
+                                              cfg.drafter.suffix_cache_requests)
                 self.suffix_sync.start()
         elif use_drafter:
             self.workers = [

@@ -1,8 +1,10 @@
-"""One suffix cache for an app's replicas: a Ray actor that passes finished outputs between routers.
+"""One suffix cache for an app's replicas: a Ray actor that passes finished outputs between them.
 
-Each router whose suffix drafter shares its cache (``drafter.suffix_shared_cache``) sends the outputs
-its requests finished to the hub and adds the other routers' to its own cache, about once a second
-(:class:`SuffixSync`). Lookups stay local: a decoding step never waits on the hub, and a hub that is
+Each replica whose suffix drafter shares its cache (``drafter.suffix_shared_cache``) sends the outputs
+its requests finished to the hub and adds the other replicas' to its own cache, about once a second
+(:class:`SuffixSync`). The drafter lives in the router on engine hf (:class:`DrafterCache`) and in
+vLLM's worker processes on engine vllm (:class:`VllmWorkerCache`: the same two calls through the
+worker extension, on every rank, between engine steps). Lookups stay local: a decoding step never waits on the hub, and a hub that is
 gone costs the replicas only the sharing, never a request. The hub keeps the newest ``max_outputs``
 outputs, so a replica that joins late starts from them.
 """
@@ -54,13 +56,50 @@ class SuffixHub:
         return self.next_number, news
 
 
-class SuffixSync:
-    """A router's side of the shared cache: a background task that trades its drafter's finished outputs
-    for the other replicas' every ``interval_s`` seconds."""
+Outputs = list[tuple[str | None, list[int]]]  # (tenant, tokens) per finished request
 
-    def __init__(self, drafter: SuffixDrafter, name: str, max_outputs: int, interval_s: float = SYNC_INTERVAL_S):
+
+class DrafterCache:
+    """A suffix drafter in this process (the router's on engine hf) as one side of the shared cache."""
+
+    def __init__(self, drafter: SuffixDrafter):
         drafter.share()
         self.drafter = drafter
+
+    async def take(self) -> Outputs:
+        """The outputs finished here since the last call."""
+        return self.drafter.take_outbox()
+
+    async def add(self, outputs: Outputs) -> None:
+        """Add other replicas' outputs to this drafter's cache (per tenant)."""
+        for tenant, tokens in outputs:
+            self.drafter.learn(tenant, tokens)
+
+
+class VllmWorkerCache:
+    """Our suffix drafter inside one vLLM engine's workers as one side of the shared cache: each call runs in
+    every worker (``collective_rpc``, between engine steps, so never during a draft); every tensor-parallel
+    rank drafts the same requests, so each learns the same outputs and rank 0's outbox speaks for all."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def take(self) -> Outputs:
+        ranks = await self.engine.collective_rpc("specserve_suffix_take")
+        return [(tenant, list(tokens)) for tenant, tokens in (ranks[0] if ranks else [])]
+
+    async def add(self, outputs: Outputs) -> None:
+        await self.engine.collective_rpc("specserve_suffix_learn", args=(outputs,))
+
+
+class SuffixSync:
+    """A replica's side of the shared cache: a background task that trades its drafter's finished outputs
+    for the other replicas' every ``interval_s`` seconds (``cache``: :class:`DrafterCache` or
+    :class:`VllmWorkerCache`)."""
+
+    def __init__(self, cache: DrafterCache | VllmWorkerCache, name: str, max_outputs: int,
+                 interval_s: float = SYNC_INTERVAL_S):
+        self.cache = cache
         self.name = name
         self.max_outputs = max_outputs
         self.interval_s = interval_s
@@ -76,7 +115,7 @@ class SuffixSync:
 
     async def exchange(self) -> int:
         """One trade now: send what finished here, add what finished elsewhere; returns how many were added."""
-        outgoing = self.drafter.take_outbox()
+        outgoing = await self.cache.take()
         try:
             if self.hub is None:
                 self.hub = SuffixHub.options(name=self.name, get_if_exists=True).remote(self.max_outputs)
@@ -85,14 +124,17 @@ class SuffixSync:
             log.warning("suffix cache hub unreachable (%s); sharing resumes with a new hub", type(e).__name__)
             self.hub, self.after = None, 0
             return 0
-        for tenant, tokens in news:
-            self.drafter.learn(tenant, tokens)
+        if news:
+            await self.cache.add(news)
         self.received += len(news)
         return len(news)
 
     async def _run(self) -> None:
         while True:
-            await self.exchange()
+            try:
+                await self.exchange()
+            except Exception as e:  # an engine going down: its death is reported by the core's health check
+                log.debug("suffix cache trade failed: %s", e)
             await asyncio.sleep(self.interval_s)
 
     def stop(self) -> None:

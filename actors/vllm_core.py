@@ -39,6 +39,7 @@ from actors.core import ReplicaCore, least_loaded, pipelining_pays
 from actors.draft_worker import DraftWorker
 from actors.metrics import RouterMetrics
 from actors.streaming import RequestStream
+from actors.suffix_hub import SuffixSync, VllmWorkerCache, hub_name
 from actors.vllm_proposer import CONFIG_KEY, SPECULATIVE_ARG, TENANT_ARG
 from actors.vllm_watchdog import OWNER_ENV
 from cluster.placement import actor_options
@@ -118,6 +119,7 @@ class VllmCore(ReplicaCore):
         self._failures_seen = 0  # draft worker failures the proposer reported that were counted already
         self.proposer_stats: dict = {}  # the proposer's counters, read every STATS_PERIOD_S
         self._stats_task: asyncio.Task | None = None
+        self.suffix_syncs: list[SuffixSync] = []  # one per engine when the suffix cache is shared (actors.suffix_hub)
 
     # ------------------------------------------------------------------------------- startup
 
@@ -162,6 +164,11 @@ class VllmCore(ReplicaCore):
             for engine in self.engines:
                 await self._attach(engine)
             self._stats_task = asyncio.create_task(self._read_stats())
+            if cfg.drafter.suffix_shared_cache:  # each engine trades with the hub (and so with this replica's others)
+                self.suffix_syncs = [SuffixSync(VllmWorkerCache(e), hub_name(cfg.model.model),
+                                                cfg.drafter.suffix_cache_requests) for e in self.engines]
+                for sync in self.suffix_syncs:
+                    sync.start()
 
     async def _attach(self, engine) -> None:
         """Hand our proposer its model runner through vLLM's worker extension; refuse to serve without it
@@ -372,7 +379,8 @@ class VllmCore(ReplicaCore):
         return {"running": len(self.requests), "waiting": 0, "engine": "vllm",
                 "groups": [{"index": i, "errored": bool(e.errored)} for i, e in enumerate(self.engines)],
                 "draft_workers": len(self.workers), "max_context": self.info.max_context,
-                "proposer": self.proposer_stats}
+                "proposer": self.proposer_stats,
+                **({"suffix_shared_received": sum(s.received for s in self.suffix_syncs)} if self.suffix_syncs else {})}
 
     async def held_sequences(self) -> dict:
         """Requests held here and in every engine (0 when idle); draft workers' history states are
@@ -396,6 +404,8 @@ class VllmCore(ReplicaCore):
         """Stop the engines and every actor this core started."""
         if self._stats_task is not None:
             self._stats_task.cancel()
+        for sync in self.suffix_syncs:
+            sync.stop()
         for e in self.engines:
             e.shutdown()
         self.engines = []

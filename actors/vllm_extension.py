@@ -28,6 +28,17 @@ class ProposerExtension:
         proposer.runner = runner
         return True
 
+    def specserve_suffix_take(self) -> list:
+        """The outputs this worker's requests finished since the last call, as (tenant, tokens) ([] where this
+        worker's suffix drafter does not share its cache)."""
+        _, proposer = self._specserve_proposer()
+        return proposer.take_shared() if hasattr(proposer, "take_shared") else []
+
+    def specserve_suffix_learn(self, outputs: list) -> int:
+        """Add other replicas' finished outputs, (tenant, tokens), to this worker's suffix cache."""
+        _, proposer = self._specserve_proposer()
+        return proposer.learn_shared(outputs) if hasattr(proposer, "learn_shared") else 0
+
     def specserve_stats(self) -> dict:
         """The proposer's counters ({} where this worker runs none)."""
         _, proposer = self._specserve_proposer()

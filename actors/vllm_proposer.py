@@ -274,12 +274,34 @@ class VllmLocalProposer(VllmProposer):
 
         self.drafter = make_drafter(self.drafter_cfg, None)  # type: ignore[arg-type]
         self.by_history = HistoryDrafter(self.drafter)
+        # A suffix drafter whose finished outputs the engine's host trades with other replicas (actors.suffix_hub).
+        self.shared_suffix = None
+        if self.drafter_cfg.suffix_shared_cache:
+            self.shared_suffix = self.drafter
+            self.shared_suffix.share()
         self.started: set[str] = set()  # request ids with drafter state
 
     def stats(self) -> dict:
         """The counters and the drafter's own (a suffix drafter's cache size)."""
         own = getattr(self.drafter, "stats", None)
         return {**self.counts, **(own() if own is not None else {})}
+
+    def take_shared(self) -> list:
+        """The outputs finished since the last call, as (tenant, tokens), for the other replicas; [] unless the
+        cache is shared. Requests vLLM dropped since the last step are ended first (an idle engine runs no step)."""
+        if self.shared_suffix is None:
+            return []
+        if self.runner is not None:
+            self._retire(self.runner.requests)
+        return self.shared_suffix.take_outbox()
+
+    def learn_shared(self, outputs: list) -> int:
+        """Add other replicas' finished outputs, (tenant, tokens), to the cache; how many were added."""
+        if self.shared_suffix is None:
+            return 0
+        for tenant, tokens in outputs:
+            self.shared_suffix.learn(tenant, list(tokens))
+        return len(outputs)
 
     def _draft(self, histories: list, rows: list, requests: list, ks: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in histories]

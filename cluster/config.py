@@ -74,12 +74,14 @@ class TopologyConfig(StrictModel):
         return self
 
 
-def check_draft_placement(drafter: DrafterConfig, topology: TopologyConfig) -> None:
-    """Refuse a drafter with a model in the router process (it would stall every request's loop)."""
+def check_draft_placement(drafter: DrafterConfig, topology: TopologyConfig, engine: str = "hf") -> None:
+    """Refuse a drafter with a model in the router process (it would stall every request's loop), and a shared
+    suffix cache where engine hf's suffix drafter does not draft in the router (engine vllm: ``check_engine_fits``)."""
     if topology.draft_placement == "router" and drafter.kind not in ROUTER_DRAFTERS + ("none",):
         raise ValueError(f"topology.draft_placement 'router' runs only model-free drafters "
                          f"({', '.join(ROUTER_DRAFTERS)}); drafter {drafter.kind!r} needs 'workers' or 'auto'")
-    if drafter.suffix_shared_cache and (drafter.kind != "suffix" or not drafts_in_router(drafter, topology)):
+    if engine == "hf" and drafter.suffix_shared_cache and (
+            drafter.kind != "suffix" or not drafts_in_router(drafter, topology)):
         raise ValueError("drafter.suffix_shared_cache shares the suffix drafter's cache between routers: it needs "
                          "drafter.kind 'suffix' drafting in the router (topology.draft_placement 'auto' or 'router')")
 

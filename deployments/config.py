@@ -117,7 +117,7 @@ class AppConfig(StrictModel):
     @model_validator(mode="after")
     def _engine_fits(self) -> AppConfig:
         check_engine_fits(self.model, self.drafter)  # raises SpecServeError naming the field
-        check_draft_placement(self.drafter, self.topology)
+        check_draft_placement(self.drafter, self.topology, self.model.engine)
         return self
 
     def replica(self) -> ReplicaConfig:

@@ -42,11 +42,11 @@ def serve_forever(config_path: str | None, host: str | None = None, port: int | 
     if config.serve.host != LOOPBACK:
         print("specserve: note: listening beyond loopback", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+    # Both signals set the event: a SIGINT must stop the server even where it was started with SIGINT ignored
+    # (a background job of a script), where Python raises no KeyboardInterrupt.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
     print("specserve: stopping (engines, draft workers, Serve, Ray)", flush=True)
     # A second signal while shutting down ends the process at once; engine processes left by a stop
     # this hard end themselves once their replica is gone (actors/vllm_watchdog.py).

@@ -280,11 +280,11 @@ class DrafterConfig(StrictModel):
     )
     suffix_shared_cache: bool = Field(
         False,
-        description="suffix drafter on engine hf, drafting in the router: share the cross-request cache across the "
-        "app's replicas through one Ray actor. Each replica sends its finished outputs there and adds the other "
-        "replicas' to its own cache about once a second, off the decoding path (a step costs nothing extra; each "
-        "replica holds every replica's outputs, within the caps above). Per-tenant caches stay per tenant. Not "
-        "with engine vllm or draft workers.",
+        description="suffix drafter: share the cross-request cache across the app's replicas (and engines) through "
+        "one Ray actor. Each replica sends its finished outputs there and adds the other replicas' to its own cache "
+        "about once a second, off the decoding path (a step costs nothing extra; each replica holds every replica's "
+        "outputs, within the caps above). Per-tenant caches stay per tenant. Engine hf: the suffix drafter drafting "
+        "in the router; engine vllm: vllm_placement 'vllm_worker' (not vLLM's own suffix method, not draft workers).",
     )
     verify_cost_per_token: float = Field(
         0.03,
@@ -420,9 +420,11 @@ class EngineConfig(StrictModel):
 
 def check_engine_fits(model: ModelConfig, drafter: DrafterConfig) -> None:
     """Refuse a drafter the chosen engine cannot run, naming the field (SpecServeError)."""
-    if model.engine == "vllm" and drafter.suffix_shared_cache:
-        raise SpecServeError("drafter.suffix_shared_cache needs model.engine 'hf' (the suffix drafter drafting in the "
-                             "router); inside vLLM's worker each replica keeps its own cache",
+    if model.engine == "vllm" and drafter.suffix_shared_cache and (
+            drafter.kind != "suffix" or drafter.vllm_placement != "vllm_worker"):
+        raise SpecServeError("drafter.suffix_shared_cache on engine 'vllm' shares our suffix drafter's cache inside "
+                             "vLLM's worker: it needs drafter.kind 'suffix' with vllm_placement 'vllm_worker' (vLLM's own "
+                             "methods and draft workers keep their caches to themselves)",
                              param="drafter.suffix_shared_cache")
     if model.engine == "hf" and drafter.vllm_placement != "draft_workers":
         raise SpecServeError(f"drafter.vllm_placement {drafter.vllm_placement!r} needs model.engine 'vllm' "

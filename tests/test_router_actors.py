@@ -281,8 +281,15 @@ def test_a_shared_suffix_cache_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="suffix_shared_cache .* needs drafter.kind 'suffix' drafting in the router"):
         AppConfig.model_validate({**base, "drafter": {"kind": "suffix", "suffix_shared_cache": True},
                                   "topology": {"draft_placement": "workers"}})
-    with pytest.raises(SpecServeError, match="suffix_shared_cache needs model.engine 'hf'"):
+    with pytest.raises(SpecServeError, match="suffix_shared_cache on engine 'vllm' .* needs drafter.kind 'suffix' with "
+                       "vllm_placement 'vllm_worker'"):
         check_engine_fits(ModelConfig(engine="vllm"), DrafterConfig(kind="suffix", suffix_shared_cache=True))
+    with pytest.raises(SpecServeError, match="suffix_shared_cache on engine 'vllm'"):
+        check_engine_fits(ModelConfig(engine="vllm"), DrafterConfig(
+            kind="suffix", suffix_shared_cache=True, vllm_placement="vllm_builtin", vllm_builtin_method="suffix"))
+    # Our suffix drafter in vLLM's worker shares its cache (tests/test_vllm_engine.py), whatever draft_placement says.
+    AppConfig.model_validate({"model": {"engine": "vllm"}, "topology": {"draft_placement": "workers"},
+                              "drafter": {"kind": "suffix", "vllm_placement": "vllm_worker", "suffix_shared_cache": True}})
 
 
 def test_requests_without_ids_spread_over_two_draft_workers(cluster, even_tiny_dir, reference, tokenizer):

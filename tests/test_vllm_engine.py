@@ -187,17 +187,41 @@ def test_the_local_suffix_drafter_inside_vllm_is_exact_and_learns_across_request
     # Our suffix drafter in vLLM's worker, keyed by vLLM's request ids: a request's output joins the
     # replica's cross-request cache as soon as vLLM drops it. The same prompts a second time draft their
     # answers from the cache; a tenant's requests (an API key's) read only that tenant's cache.
-    core = start_core(loop, replica({"kind": "suffix", "vllm_placement": "vllm_worker", "num_speculative_tokens": 8}))
+    # Shared with other replicas (suffix_shared_cache): the engine trades with the app's hub actor; another
+    # replica (here a router-side drafter in this process, on the same hub) gets its outputs and gives it its own.
+    from actors.suffix_hub import DrafterCache, SuffixSync, hub_name
+    from specserve.bench import learn_output
+    from specserve.config import DrafterConfig, ModelConfig
+    from specserve.drafters import make_drafter
+
+    core = start_core(loop, replica({"kind": "suffix", "vllm_placement": "vllm_worker", "num_speculative_tokens": 8,
+                                     "suffix_shared_cache": True}))
+    other_drafter = make_drafter(DrafterConfig(kind="suffix"), None)
+    other = SuffixSync(DrafterCache(other_drafter), hub_name(ModelConfig().model), 1000)
+    key_d = GREEDY.model_copy(update={"cache_tenant": "key-d"})
     try:
         cold = run_all(loop, core, prompts)
         warm = run_all(loop, core, prompts)
         tenant = run_all(loop, core, prompts[:3], GREEDY.model_copy(update={"cache_tenant": "key-b"}))
+        # The other replica answered prompts[:3] for tenant key-d, whose cache on this engine is empty.
+        for i in range(3):
+            learn_output(other_drafter, f"other-{i}", prompts[i], reference[i], key_d)
+        got = loop.run_until_complete(other.exchange())
+        loop.run_until_complete(core.suffix_syncs[0].exchange())  # the engine's background task trades too
+        got += loop.run_until_complete(other.exchange())
+        shared = run_all(loop, core, prompts[:3], key_d)
         stats = loop.run_until_complete(core.refresh_proposer_stats())
+        received = core.status()["suffix_shared_received"]
     finally:
         core.shutdown()
     assert_plain_outputs([tokens for tokens, _ in cold], reference, prompts, real_target)
     assert_plain_outputs([tokens for tokens, _ in warm], reference, prompts, real_target)
     assert_plain_outputs([tokens for tokens, _ in tenant], reference[:3], prompts[:3], real_target)
+    assert_plain_outputs([tokens for tokens, _ in shared], reference[:3], prompts[:3], real_target)
+    # Every output the engine finished reached the other replica, the tenant's with its tenant; the engine took
+    # in the other replica's three.
+    assert got == 2 * len(prompts) + 3 and other_drafter.stats()["tenant_caches"] == 2, (got, other_drafter.stats())
+    assert received == 3
 
     def accepted(results) -> int:
         return sum(last.stats["num_accepted_tokens"] for _, last in results)
@@ -205,7 +229,10 @@ def test_the_local_suffix_drafter_inside_vllm_is_exact_and_learns_across_request
     # Warm, every answer is in the cache: most of each output is accepted from it.
     assert accepted(warm) > max(2 * accepted(cold), sum(map(len, reference)) // 2), (accepted(cold), accepted(warm))
     assert accepted(tenant) < accepted(warm[:3]) // 2, "a tenant saw the shared cache"
-    assert stats["tenant_caches"] == 1 and stats["cache_requests"] >= 2 * len(prompts)
+    # key-d never ran here: its answers come from the other replica, and are drafted from the first step.
+    assert accepted(shared) > max(2 * accepted(tenant), sum(map(len, reference[:3])) // 2), (accepted(tenant),
+                                                                                            accepted(shared))
+    assert stats["tenant_caches"] == 2 and stats["cache_requests"] >= 2 * len(prompts)  # key-b, key-d
     assert stats.get("calls", 0) > 0
 
 
