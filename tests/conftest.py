@@ -55,6 +55,16 @@ def tiny_target(tiny_dir):
     return load_model(ModelConfig(model=str(tiny_dir), dtype="fp32"))
 
 
+@pytest.fixture(params=["sdpa", "eager"])
+def attn(request, tiny_target):
+    """Run a test under each attention implementation, restoring the model's afterwards."""
+    model = tiny_target.model
+    before = model.config._attn_implementation
+    model.set_attn_implementation(request.param)
+    yield request.param
+    model.set_attn_implementation(before)
+
+
 @pytest.fixture(scope="session")
 def real_target(default_dir):
     """The real SmolLM2-135M-Instruct in fp32 (exactness holds bit for bit only in fp32)."""

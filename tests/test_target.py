@@ -90,9 +90,10 @@ def test_one_tree_without_branches_is_verified_as_its_chain(tiny_target):
 
 
 @pytest.mark.parametrize("with_trees", [False, True])
-def test_batch_rows_get_the_verdicts_features_and_caches_of_single_passes(tiny_target, with_trees):
+def test_batch_rows_get_the_verdicts_features_and_caches_of_single_passes(tiny_target, with_trees, attn):
     """Ragged caches (one empty), chains (some empty) and trees in one padded pass: per row the same
-    verdict, the features of the kept inputs and a cache of exactly the committed prefix."""
+    verdict, the features of the kept inputs and a cache of exactly the committed prefix (under each
+    attention implementation: ``attn``)."""
     params = SamplingParams(max_tokens=10)
     prompts = [tiny_target.tokenizer.encode(p) for p in PROMPTS]
     prompts[2] = prompts[2][:1]  # a one-token prompt: an empty cache, all padding in the batch

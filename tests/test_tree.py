@@ -137,16 +137,6 @@ def test_tree_drafter_scores_its_branches_against_the_main_path():
 # ---------------------------------------------------------------- the mask and one-pass verification
 
 
-@pytest.fixture(params=["sdpa", "eager"])
-def attn(request, tiny_target):
-    """Run a test under each attention implementation, restoring the model's afterwards."""
-    model = tiny_target.model
-    before = model.config._attn_implementation
-    model.set_attn_implementation(request.param)
-    yield request.param
-    model.set_attn_implementation(before)
-
-
 def prefilled(model, ids: list[int]) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
@@ -223,37 +213,6 @@ def test_tree_pass_returns_target_features_of_the_kept_inputs(tiny_target):
     result = verifier.verify([TreeStepRequest("s", prompt[-1], tree)])[0]
     kept = result.verdict.num_accepted + 1
     assert result.hidden.shape == (kept, 2 * tiny_target.model.config.hidden_size)
-
-
-def test_mixed_batch_of_chains_and_trees_equals_one_at_a_time(tiny_target, attn):
-    """Ragged caches, chains and trees in one padded pass give the verdicts and caches of single steps."""
-    params = SamplingParams(max_tokens=10)
-    prompts = [tiny_target.tokenizer.encode(p) for p in PROMPTS]
-    single, batched = Verifier(tiny_target), Verifier(tiny_target)
-    for i, ids in enumerate(prompts):
-        single.add(f"s{i}", ids, params)
-        batched.add(f"s{i}", ids, params)
-    for step in range(3):
-        reqs = []
-        for i, ids in enumerate(prompts):
-            with torch.inference_mode():
-                nxt = tiny_target.model(input_ids=torch.tensor([ids])).logits[0, -1].topk(2).indices.tolist()
-            if (i + step) % 2:
-                reqs.append(StepRequest(f"s{i}", ids[-1], [nxt[0], 7, 8][: i % 3 + 1]))
-            else:
-                tree = DraftTree()
-                tree.add(nxt[1], ROOT, 0.6)
-                a = tree.add(nxt[0], ROOT, 0.4)
-                tree.add(9, a, 0.5)
-                reqs.append(TreeStepRequest(f"s{i}", ids[-1], tree))
-        one = [single.verify([r])[0] for r in reqs]
-        many = batched.verify(reqs)
-        assert [a.verdict for a in one] == [b.verdict for b in many]
-        for i in range(len(prompts)):
-            a, b = single.states[f"s{i}"], batched.states[f"s{i}"]
-            assert a.num_cached == b.num_cached == a.cache.get_seq_length() == b.cache.get_seq_length()
-            torch.testing.assert_close(a.cache.layers[-1].keys, b.cache.layers[-1].keys, atol=1e-4, rtol=1e-4)
-            prompts[i] = prompts[i] + one[i].verdict.tokens
 
 
 # ---------------------------------------------------------------- drafters' trees
