@@ -108,9 +108,11 @@ def test_adaptive_budget_shrinks_while_branches_add_nothing_probes_and_grows_bac
     assert budget.budget(6).max_nodes == 32
     for _ in range(6):
         budget.update(5, 5)  # high acceptance, all of it on the main path: the branches add nothing
-    assert budget.budget(6).max_nodes == 6  # down to a chain's worth
+    chain = budget.budget(6)
+    assert (chain.max_nodes, chain.max_depth, chain.branching) == (6, 6, 1)  # down to the chain itself
     # At a chain's budget every probe_every-th step drafts the full tree.
-    assert [budget.budget(6).max_nodes for _ in range(4)] == [6, 6, 32, 6]
+    assert [(b.max_nodes, b.branching) for b in (budget.budget(6) for _ in range(4))] == [(6, 1), (6, 1), (32, 3),
+                                                                                          (6, 1)]
     for _ in range(12):
         budget.update(1, 0)  # low acceptance, but all of it from branches: the tree pays
     assert budget.budget(6).max_nodes == 32
@@ -118,6 +120,20 @@ def test_adaptive_budget_shrinks_while_branches_add_nothing_probes_and_grows_bac
     for _ in range(6):
         fixed.update(5, 5)
     assert [fixed.budget(6).max_nodes for _ in range(8)] == [32] * 8
+
+
+def test_a_shrunk_budget_drafts_the_chain_itself():
+    """Once branches have not paid and the budget is below the depth, the tree drafter proposes exactly the
+    chain its drafter would (one child per node, so it is verified as a chain), not a smaller bushy tree."""
+    prompt = [1, 2, 3, 9, 7, 6, 1, 2, 4, 8, 5, 1, 2]
+    tree_drafter = TreeDrafter(NgramDrafter(), TreeConfig(max_nodes=4))
+    tree_drafter.start("s", prompt, SamplingParams())
+    assert not tree_drafter.propose("s", prompt, 3).is_chain  # a spare node: the other match's token
+    budget = tree_drafter.budgets["s"]
+    while budget.max_nodes >= 3:
+        budget.update(3, 3)  # the branches added nothing
+    tree = tree_drafter.propose("s", prompt, 3)
+    assert tree.is_chain and tree.tokens == NgramDrafter().propose("s", prompt, 3).token_ids == [4, 8, 5]
 
 
 def test_tree_drafter_scores_its_branches_against_the_main_path():

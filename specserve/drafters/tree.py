@@ -13,9 +13,11 @@ class AdaptiveTreeBudget:
     What a tree buys over a chain is what its branches add: the tokens accepted beyond what its
     most probable path alone would have had accepted. The budget follows the exponentially
     weighted **gain** (accepted by the tree minus accepted by its main path) relative to the tokens
-    the main path yields per step (its accepted tokens + 1). Below ``low`` the budget halves (down
-    to a chain, budget = depth), above ``high`` it doubles (up to ``max_nodes``). A chain cannot
-    show a gain, so at a chain's budget every ``probe_every``-th step drafts the full tree again.
+    the main path yields per step (its accepted tokens + 1). Below ``low`` the budget halves, above
+    ``high`` it doubles (up to ``max_nodes``). Once it is below the depth (fewer nodes than the
+    chain would draft), the step drafts the chain itself: no branches, as deep as the depth, so it
+    costs what the chain costs (a lone chain-shaped tree is verified without a mask). A chain
+    cannot show a gain, so in that state every ``probe_every``-th step drafts the full tree again.
 
     This judges the tree by its branches, not by overall acceptance: a weak drafter whose second
     choices carry probability (the block drafter's lattice) keeps its wide tree, while an n-gram
@@ -35,12 +37,14 @@ class AdaptiveTreeBudget:
     def budget(self, depth: int) -> TreeConfig:
         """The tree config for the next step, at most ``depth`` deep (adaptive k's choice)."""
         depth = max(1, min(depth, self.cfg.max_depth))
-        nodes = min(self.cfg.max_nodes, max(self.max_nodes, depth))
-        if self.cfg.adaptive and nodes <= depth:
-            self.chain_steps += 1
-            if self.chain_steps % self.probe_every == 0:
-                nodes = self.cfg.max_nodes  # probe: can the branches pay again?
-        return self.cfg.model_copy(update={"max_nodes": nodes, "max_depth": depth})
+        if not self.cfg.adaptive or self.max_nodes >= depth:
+            return self.cfg.model_copy(update={"max_nodes": min(self.cfg.max_nodes, self.max_nodes), "max_depth": depth})
+        self.chain_steps += 1
+        if self.chain_steps % self.probe_every == 0:  # probe: can the branches pay again?
+            return self.cfg.model_copy(update={"max_depth": depth})
+        # A budget below the chain's nodes would spend them on branches that do not pay: the chain itself
+        # (spending nodes on branches shortens the main path, which may be what the chain would have had accepted).
+        return self.cfg.model_copy(update={"max_nodes": depth, "max_depth": depth, "branching": 1})
 
     @property
     def relative_gain(self) -> float:
