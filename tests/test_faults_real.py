@@ -87,8 +87,9 @@ def placement() -> dict:
     """Pids of the draft workers and target ranks, from the router's placement endpoint."""
     from ray import serve
 
-    router = serve.get_deployment_handle("SpecServer", app_name=APP)
-    return router.placement.remote().result(timeout_s=60)
+    # The app's handle, as wait_until_ready uses (a fresh deployment handle once waited 60 s in CI for its
+    # first replica list and never sent the call).
+    return serve.get_app_handle(APP).placement.remote().result(timeout_s=60)
 
 
 @dataclass
