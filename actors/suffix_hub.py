@@ -72,8 +72,7 @@ class DrafterCache:
 
     async def add(self, outputs: Outputs) -> None:
         """Add other replicas' outputs to this drafter's cache (per tenant)."""
-        for tenant, tokens in outputs:
-            self.drafter.learn(tenant, tokens)
+        self.drafter.learn_all(outputs)
 
 
 class VllmWorkerCache:

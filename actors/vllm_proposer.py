@@ -297,11 +297,7 @@ class VllmLocalProposer(VllmProposer):
 
     def learn_shared(self, outputs: list) -> int:
         """Add other replicas' finished outputs, (tenant, tokens), to the cache; how many were added."""
-        if self.shared_suffix is None:
-            return 0
-        for tenant, tokens in outputs:
-            self.shared_suffix.learn(tenant, list(tokens))
-        return len(outputs)
+        return self.shared_suffix.learn_all(outputs) if self.shared_suffix is not None else 0
 
     def _draft(self, histories: list, rows: list, requests: list, ks: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in histories]

@@ -344,6 +344,12 @@ class SuffixDrafter(Drafter):
         """Add another replica's finished output to the tenant's cross-request cache (None: the shared one)."""
         self._cache_for(tenant).add(tokens)
 
+    def learn_all(self, outputs: list[tuple[str | None, list[int]]]) -> int:
+        """:meth:`learn` each (tenant, tokens) of other replicas' finished outputs; how many were added."""
+        for tenant, tokens in outputs:
+            self.learn(tenant, list(tokens))
+        return len(outputs)
+
     def start(self, seq_id: str, prompt_ids: list[int], params: SamplingParams,
               target_hidden: torch.Tensor | None = None) -> None:
         """Start a request; with ``params.cache_tenant`` it reads and feeds that tenant's own cross-request cache.
