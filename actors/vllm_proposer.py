@@ -83,7 +83,7 @@ class ProposerSettings:
     deadline_ms: float = 200.0
     pipelining: bool = True
     k_per_batch_size: list[list[int]] = field(default_factory=list)  # [[lo, hi, k], ...]; empty = no cap
-    drafting_switch: bool = False  # time whole steps and draft only at batch sizes where that pays
+    drafting_switch: bool = True  # time whole steps and draft only at batch sizes where that pays
 
 
 @dataclass
