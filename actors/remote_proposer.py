@@ -13,6 +13,7 @@ import logging
 import torch
 from ray.exceptions import RayError
 
+from actors.calls import submit
 from actors.metrics import RouterMetrics
 from specserve.drafters.base import NO_DRAFT, DraftBlock
 from specserve.sequence import Sequence
@@ -52,7 +53,7 @@ class RemoteProposer:
 
     async def _attach(self, seq: Sequence, target_hidden: torch.Tensor | None) -> None:
         try:
-            await self.worker.start.remote(seq.seq_id, seq.all_ids, self.params, target_hidden)
+            await submit(self.worker.start, seq.seq_id, seq.all_ids, self.params, target_hidden)
             self.attached = True
         except RayError:
             self.metrics.draft_failure()
@@ -73,7 +74,7 @@ class RemoteProposer:
                 return NO_DRAFT
         hidden = torch.cat(self.pending_hidden) if self.pending_hidden else None
         try:
-            block = await self.worker.step.remote(seq.seq_id, seq.all_ids, k, hidden)
+            block = await submit(self.worker.step, seq.seq_id, seq.all_ids, k, hidden)
         except RayError:
             log.warning("draft worker failed; %s continues with plain decoding", seq.seq_id)
             self.metrics.draft_failure()
@@ -104,7 +105,7 @@ class RemoteProposer:
 
     def speculate(self, seq: Sequence, block: DraftBlock) -> None:
         if self.pipelining and self.attached and block.token_ids:
-            self.speculative = self.worker.step.remote(seq.seq_id, seq.all_ids + block.token_ids,
+            self.speculative = submit(self.worker.step, seq.seq_id, seq.all_ids + block.token_ids,
                                                        self.last_k + 1, None)
 
     def observe(self, seq: Sequence, block: DraftBlock, result: StepResult) -> None:

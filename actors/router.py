@@ -31,6 +31,7 @@ import torch
 from ray.exceptions import RayError
 
 from actors.batcher import Batcher
+from actors.calls import submit
 from actors.config import ReplicaConfig
 from actors.core import ReplicaCore, least_loaded, pipelining_pays
 from actors.draft_worker import DraftWorker
@@ -158,7 +159,7 @@ class RouterCore(ReplicaCore):
                 for _ in range(topo.num_draft_workers)
             ]
         if self.workers:
-            self.worker_info = await self.workers[0].info.remote()
+            self.worker_info = await submit(self.workers[0].info)
         hidden_layers = tuple(self.worker_info.get("target_layers", ()))
         self.groups = [TargetGroup(i, cfg.model, topo, hidden_layers) for i in range(topo.num_target_groups)]
         await asyncio.gather(*[g.build() for g in self.groups])
@@ -226,7 +227,7 @@ class RouterCore(ReplicaCore):
         """Sequences held by every worker and rank 0 of every group (all 0 when idle)."""
         if self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
-        drafts = await asyncio.gather(*[w.num_sequences.remote() for w in self.workers], return_exceptions=True)
+        drafts = await asyncio.gather(*[submit(w.num_sequences) for w in self.workers], return_exceptions=True)
         targets = await asyncio.gather(*[g.num_sequences() for g in self.groups], return_exceptions=True)
         return {"router": len(self.requests),
                 "router_drafter": len(self.plain_proposer.pending_hidden)
@@ -236,7 +237,7 @@ class RouterCore(ReplicaCore):
 
     async def placement(self) -> dict:
         """Node of every draft worker and target rank (a worker being restarted shows its error instead)."""
-        drafts = await asyncio.gather(*[w.info.remote() for w in self.workers], return_exceptions=True)
+        drafts = await asyncio.gather(*[submit(w.info) for w in self.workers], return_exceptions=True)
         drafts = [d if isinstance(d, dict) else {"pid": None, "unavailable": type(d).__name__} for d in drafts]
         return {"draft_workers": drafts, "target_groups": [g.infos for g in self.groups]}
 
@@ -296,7 +297,7 @@ class RouterCore(ReplicaCore):
         seq_id = req.seq.seq_id
         if req.worker_index is not None:
             try:
-                await self.workers[req.worker_index].finish.remote(seq_id)
+                await submit(self.workers[req.worker_index].finish, seq_id)
             except RayError:
                 pass
         try:

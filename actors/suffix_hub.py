@@ -20,6 +20,7 @@ from collections import deque
 import ray
 from ray.exceptions import RayError
 
+from actors.calls import submit
 from specserve.drafters.suffix import SuffixDrafter
 
 log = logging.getLogger("specserve.router")
@@ -118,7 +119,7 @@ class SuffixSync:
         try:
             if self.hub is None:
                 self.hub = SuffixHub.options(name=self.name, get_if_exists=True).remote(self.max_outputs)
-            self.after, news = await self.hub.exchange.remote(self.origin, self.after, outgoing)
+            self.after, news = await submit(self.hub.exchange, self.origin, self.after, outgoing)
         except RayError as e:  # the hub died with the replica that owned it: the next trade starts a new one
             log.warning("suffix cache hub unreachable (%s); sharing resumes with a new hub", type(e).__name__)
             self.hub, self.after = None, 0

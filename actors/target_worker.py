@@ -18,6 +18,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.calls import submit
 from cluster.config import ActorResources, TopologyConfig
 from cluster.placement import actor_options, torch_threads, tp_bundles
 from specserve.config import ModelConfig, SamplingParams
@@ -110,27 +111,27 @@ class TargetGroup:
                      res.num_threads)
             for r in range(tp)
         ]
-        self.infos = await asyncio.gather(*[r.info.remote() for r in self.ranks])
+        self.infos = await asyncio.gather(*[submit(r.info) for r in self.ranks])
         self.generation += 1
 
     async def add(self, seq_id: str, prompt_ids: list[int], params: dict):
         async with self.lock:
-            outs = await asyncio.gather(*[r.add.remote(seq_id, prompt_ids, params) for r in self.ranks])
+            outs = await asyncio.gather(*[submit(r.add, seq_id, prompt_ids, params) for r in self.ranks])
         return outs[0]
 
     async def step_batch(self, reqs: list[StepRequest | TreeStepRequest]) -> list[StepResult]:
         async with self.lock:
-            outs = await asyncio.gather(*[r.step_batch.remote(reqs) for r in self.ranks])
+            outs = await asyncio.gather(*[submit(r.step_batch, reqs) for r in self.ranks])
         return outs[0]
 
     async def free(self, seq_ids: list[str]) -> None:
         if not seq_ids:
             return
         async with self.lock:
-            await asyncio.gather(*[r.free.remote(seq_ids) for r in self.ranks], return_exceptions=True)
+            await asyncio.gather(*[submit(r.free, seq_ids) for r in self.ranks], return_exceptions=True)
 
     async def num_sequences(self) -> int:
-        return await self.ranks[0].num_sequences.remote()
+        return await submit(self.ranks[0].num_sequences)
 
     async def rebuild(self) -> None:
         """Kill every rank (one died, the process group is broken) and start a fresh group."""

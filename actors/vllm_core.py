@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import RayError
 
+from actors.calls import submit
 from actors.config import ReplicaConfig
 from actors.core import ReplicaCore, least_loaded, pipelining_pays
 from actors.draft_worker import DraftWorker
@@ -212,7 +213,7 @@ class VllmCore(ReplicaCore):
                 cfg.model.model_dump(mode="json"), cfg.drafter.model_dump(mode="json"), topo.draft_worker.num_threads)
             for name in self.worker_names
         ]
-        self.worker_info = await self.workers[0].info.remote()
+        self.worker_info = await submit(self.workers[0].info)
 
     def engine_args(self):
         """vLLM's engine arguments derived from the config."""
@@ -385,13 +386,13 @@ class VllmCore(ReplicaCore):
     async def held_sequences(self) -> dict:
         """Requests held here and in every engine (0 when idle); draft workers' history states are
         bounded by eviction, not freed per request."""
-        drafts = await asyncio.gather(*[w.history_states.remote() for w in self.workers], return_exceptions=True)
+        drafts = await asyncio.gather(*[submit(w.history_states) for w in self.workers], return_exceptions=True)
         return {"router": len(self.requests), "draft_workers": [d if isinstance(d, int) else -1 for d in drafts],
                 "target_groups": [e.output_processor.get_num_unfinished_requests() for e in self.engines]}
 
     async def placement(self) -> dict:
         """Node of every draft worker and engine host."""
-        drafts = await asyncio.gather(*[w.info.remote() for w in self.workers], return_exceptions=True)
+        drafts = await asyncio.gather(*[submit(w.info) for w in self.workers], return_exceptions=True)
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {"draft_workers": [d for d in drafts if isinstance(d, dict)],
                 "target_groups": [[{"node_id": node, "pid": os.getpid(), "engine": "vllm"}] for _ in self.engines]}

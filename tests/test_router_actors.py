@@ -303,3 +303,120 @@ def test_requests_without_ids_spread_over_two_draft_workers(cluster, even_tiny_d
     outs, started = run_router(cfg, body)
     assert outs == [reference[p] for p in PROMPTS[:4]]
     assert started == [2, 2]  # round robin: every request takes the next worker
+
+
+def test_cancelled_requests_leave_nothing_held_and_no_actor_stalled(cluster, even_tiny_dir, reference, tokenizer):
+    """What Ray Serve does when a client goes away: ``ray.cancel`` (recursive) of the replica's streaming call.
+
+    The router runs in an async actor as in a Serve replica. Cancelling must stop the request without
+    cancelling the router's own calls to its draft worker and tensor-parallel ranks: a cancelled queued
+    call stalls the in-order draft worker for Ray's 30 s reorder timeout, a cancelled free leaks the
+    sequence, a cancelled call to one rank hangs the group.
+    """
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Host:
+        async def start(self, cfg: dict) -> None:
+            from actors.config import ReplicaConfig
+            from actors.router import RouterCore
+
+            self.core = RouterCore(ReplicaConfig.model_validate(cfg))
+            await self.core.start()
+
+        async def generate(self, prompt_ids: list[int], params: dict):
+            from specserve.config import SamplingParams
+
+            async for chunk in self.core.generate(prompt_ids, SamplingParams.model_validate(params)):
+                yield chunk.token_ids
+
+        async def run(self, prompt_ids: list[int], params: dict) -> list[int]:
+            return [t async for ids in self.generate(prompt_ids, params) for t in ids]
+
+        async def held(self) -> dict:
+            return await self.core.held_sequences()
+
+        def shutdown(self) -> None:
+            self.core.shutdown()
+
+    host = Host.remote()
+    ray.get(host.start.remote(app_config(even_tiny_dir).model_dump(mode="json")), timeout=300)
+    long = SamplingParams(max_tokens=200, ignore_eos=True).model_dump(mode="json")
+    try:
+        for i in range(6):  # cancelled after 1..6 streamed chunks: the cancel lands at different points of a step
+            stream = host.generate.options(num_returns="streaming").remote(tokenizer.encode(PROMPTS[i % 4]), long)
+            for _ in range(i + 1):
+                ray.get(next(stream), timeout=60)
+            ray.cancel(stream)
+        deadline, held = time.monotonic() + 20, None
+        while time.monotonic() < deadline:
+            held = ray.get(host.held.remote(), timeout=60)
+            if held == {"router": 0, "router_drafter": 0, "draft_workers": [0], "target_groups": [0]}:
+                break
+            time.sleep(0.2)
+        assert held == {"router": 0, "router_drafter": 0, "draft_workers": [0], "target_groups": [0]}
+        # Well inside the draft worker's 30 s reorder timeout: a hole left in its order would fail this call.
+        later = ray.get(host.run.remote(tokenizer.encode(PROMPTS[1]), PARAMS.model_dump(mode="json")), timeout=20)
+        assert later == reference[PROMPTS[1]]
+    finally:
+        ray.get(host.shutdown.remote(), timeout=60)
+        ray.kill(host)
+
+
+def test_a_cancelled_request_does_not_cancel_the_actor_calls_it_submitted(cluster):
+    """``actors.calls.submit`` against plain ``.remote()``: Ray's recursive cancel takes a plain call that is
+    still in the caller's process (here: waiting for its argument) with it, which on an in-order actor leaves
+    a hole that stalls the actor for 30 s (what CI saw of a draft worker); a submitted call still runs."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def __init__(self):
+            self.ran: list[str] = []
+
+        def value_after(self, seconds: float) -> int:
+            time.sleep(seconds)
+            return 1
+
+        def mark(self, name: str, value: int) -> None:
+            self.ran.append(name)
+
+        def marks(self) -> list[str]:
+            return self.ran
+
+    @ray.remote(num_cpus=0)
+    class Caller:
+        def __init__(self, slow, worker):
+            self.slow, self.worker = slow, worker
+
+        async def call(self, name: str, detached: bool):
+            from actors.calls import submit
+
+            send = submit if detached else (lambda method, *args: method.remote(*args))
+            value = send(self.slow.value_after, 1.0)
+            ref = send(self.worker.mark, name, value)  # sent once ``value`` is ready, a second from now
+            yield "submitted"
+            await ref
+
+    import time
+
+    slow, worker = Worker.remote(), Worker.remote()
+    caller = Caller.remote(slow, worker)
+    names = {detached: [f"{'detached' if detached else 'plain'}-{i}" for i in range(2)] for detached in (False, True)}
+    try:
+        for detached in (False, True):
+            for name in names[detached]:
+                stream = caller.call.options(num_returns="streaming").remote(name, detached)
+                ray.get(next(stream), timeout=60)
+                ray.cancel(stream)  # recursive, as Ray Serve cancels a request whose client went away
+        deadline = time.monotonic() + 40  # the slow actor answers one call a second, one after the other
+        while not all(name in (ran := ray.get(worker.marks.remote(), timeout=60)) for name in names[True]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(name in ran for name in names[True]), ran
+        assert not any(name in ran for name in names[False]), f"no plain call was cancelled: the check is void ({ran})"
+    finally:
+        for actor in (caller, slow, worker):
+            ray.kill(actor)
