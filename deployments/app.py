@@ -283,13 +283,20 @@ def build_app(args: dict | None = None) -> Application:
 
 
 def wait_until_ready(app_name: str = APP_NAME, timeout_s: float = 600.0) -> None:
-    """Block until the Serve application is RUNNING and its model replica serves (or raise saying why)."""
+    """Block until the Serve application is RUNNING and its model replica serves (or raise saying why).
+
+    The replica is asked from one event loop of this call's own: a handle made outside any loop cannot send
+    where Serve runs its routers on the caller's loop (RAY_SERVE_THROUGHPUT_OPTIMIZED)."""
+    asyncio.run(_wait_until_ready(app_name, timeout_s))
+
+
+async def _wait_until_ready(app_name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = serve.status().applications.get(app_name)
         if status and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise RuntimeError(f"application {app_name} {status.status}: {status.message}")
-        if status and status.status == "RUNNING" and serve.get_app_handle(app_name).is_ready.remote().result():
+        if status and status.status == "RUNNING" and await serve.get_app_handle(app_name).is_ready.remote():
             return
-        time.sleep(0.5)
+        await asyncio.sleep(0.5)
     raise TimeoutError(f"application {app_name} not ready after {timeout_s} s")

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.local import LOOPBACK, init_local_ray
+from cluster.local import LOOPBACK, init_local_ray, serve_throughput_mode
 from deployments.bench_load import SERVED_NAME
 
 #: Serve application name of whatever this host deploys.
@@ -50,6 +50,8 @@ def host(kind: str, port: int, config: dict, ready_file: Path) -> None:
     # Ray Serve LLM replaces the job's setup hook in its engine replica with a no-op of its own, unless told not to.
     os.environ["RAYLLM_ENABLE_WORKER_PROCESS_SETUP_HOOK"] = "0"
     # Logical CPUs oversubscribed: Ray Serve LLM's ingress is never scheduled with 2 (ENV.md).
+    if kind == "app":  # as `specserve serve` runs it; Ray Serve LLM as its users run it (Serve's defaults)
+        serve_throughput_mode()
     ray = init_local_ray(num_cpus=8)
     from ray import serve
 

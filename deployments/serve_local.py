@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from cluster.local import LOOPBACK, init_local_ray
+from cluster.local import LOOPBACK, init_local_ray, serve_throughput_mode
 from deployments.app import APP_NAME, build_app, wait_until_ready
 from deployments.config import AppConfig
 from specserve.config import apply_serve_defaults, load_yaml
@@ -35,6 +35,7 @@ def serve_forever(config_path: str | None, host: str | None = None, port: int | 
     from specserve.models import resolve_model_path
 
     resolve_model_path(config.model.model, config.model.cache_dir)
+    serve_throughput_mode()
     init_local_ray(include_dashboard=True)
     start(config)
     print(f"specserve: OpenAI API on http://{config.serve.host}:{config.serve.port}/v1 "
