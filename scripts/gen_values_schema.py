@@ -87,6 +87,7 @@ def chart_schema() -> dict[str, Any]:
             "draftGroup": _group(worker=True, gpus={"type": "integer", "minimum": 1}),
             "targetGroup": _group(worker=True),
             "shmSize": QUANTITY,
+            "serveThroughputOptimized": BOOL,
             "extraEnv": {"type": "array", "items": {"type": "object", "required": ["name"]}},
             "hfToken": _obj({"secretName": STR, "secretKey": {"type": "string", "minLength": 1}}),
             "auth": _obj({"existingSecret": STR, "secretKey": {"type": "string", "minLength": 1}}),

@@ -299,6 +299,17 @@ def test_head_points_the_ray_dashboard_at_grafana_and_prometheus():
     assert {"RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST", "RAY_PROMETHEUS_HOST"} <= names
 
 
+def test_every_ray_container_runs_serve_throughput_optimized_as_make_serve_does_unless_turned_off():
+    def flags(objs):
+        pods = pod_templates(_rayservice(objs))
+        return {name: [e.get("value") for e in pod["spec"]["containers"][0]["env"]
+                       if e["name"] == "RAY_SERVE_THROUGHPUT_OPTIMIZED"] for name, pod in pods.items()}
+
+    on = flags(render())
+    assert set(on) >= {"head", "target"} and all(v == ["1"] for v in on.values()), on
+    assert all(v == [] for v in flags(render(sets=("serveThroughputOptimized=false",))).values())
+
+
 def test_hf_token_comes_from_an_optional_secret_only_when_named():
     def token_env(objs):
         c = pod_templates(_rayservice(objs))["target"]["spec"]["containers"][0]

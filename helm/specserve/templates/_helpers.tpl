@@ -99,6 +99,10 @@ spec:
         - name: RAY_PROMETHEUS_HOST
           value: {{ $v.monitoring.prometheusHost | quote }}
         {{- end }}
+        {{- if $v.serveThroughputOptimized }}
+        - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+          value: "1"
+        {{- end }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
