@@ -41,8 +41,9 @@ def serve_throughput_mode() -> None:
     user code on the replica's main loop, gRPC from the proxy to the replica, buffered request logs. Set before
     Ray starts, so that Serve's proxy, controller and replicas all read it; ``RAY_SERVE_THROUGHPUT_OPTIMIZED=0``
     in the caller's environment opts out. On 2 cores it took the proxy's and the replica's CPU per token down
-    ~15% and our app with drafter ``none`` from 0.84-0.89x to 0.99-1.00x of ``vllm serve`` plain (one run each,
-    docs/benchmarks.md section 4). Not for the tests' own clusters: it turns synchronous deployment handles off."""
+    ~11-15% and our app with drafter ``none`` from 0.84-0.89x to 0.88-1.08x of ``vllm serve`` plain at 1 to 64
+    streams (docs/benchmarks.md section 4). Not for the tests' own clusters: it turns synchronous deployment
+    handles off."""
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 
