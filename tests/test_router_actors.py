@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 from tiny_models import make_tiny_model
@@ -313,8 +314,6 @@ def test_cancelled_requests_leave_nothing_held_and_no_actor_stalled(cluster, eve
     call stalls the in-order draft worker for Ray's 30 s reorder timeout, a cancelled free leaks the
     sequence, a cancelled call to one rank hangs the group.
     """
-    import time
-
     import ray
 
     @ray.remote(num_cpus=0)
@@ -399,8 +398,6 @@ def test_a_cancelled_request_does_not_cancel_the_actor_calls_it_submitted(cluste
             ref = send(self.worker.mark, name, value)  # sent once ``value`` is ready, a second from now
             yield "submitted"
             await ref
-
-    import time
 
     slow, worker = Worker.remote(), Worker.remote()
     caller = Caller.remote(slow, worker)
