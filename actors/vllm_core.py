@@ -328,6 +328,7 @@ class VllmCore(ReplicaCore):
                           top_k=p.top_k, seed=p.seed, ignore_eos=p.ignore_eos,
                           stop_token_ids=[] if p.ignore_eos else sorted(self.info.eos_token_ids),
                           detokenize=False, output_kind=RequestOutputKind.DELTA,
+                          stream_interval=self.config.model.vllm.stream_interval,
                           # Our proposer drafts nothing for a request that turned speculation off (vLLM's own
                           # methods draft for the whole batch and ignore it).
                           extra_args={SPECULATIVE_ARG: p.speculative,

@@ -36,6 +36,10 @@ def use_loopback() -> None:
         os.environ.setdefault(key, value)
 
 
+#: Least time a stopping replica of a local served app stays open (Serve's default, for load balancers: 30 s).
+LOCAL_DRAIN_S = 1.0
+
+
 def serve_throughput_mode() -> None:
     """Ray Serve's throughput-optimized mode for a served app (``specserve serve``, bench-serve's servers of ours):
     user code on the replica's main loop, gRPC from the proxy to the replica, buffered request logs. Set before
@@ -43,8 +47,14 @@ def serve_throughput_mode() -> None:
     in the caller's environment opts out. On 2 cores it took the proxy's and the replica's CPU per token down
     ~11-15% and our app with drafter ``none`` from 0.84-0.89x to 0.88-1.08x of ``vllm serve`` plain at 1 to 64
     streams (docs/benchmarks.md section 4). Not for the tests' own clusters: it turns synchronous deployment
-    handles off."""
+    handles off.
+
+    That mode also has each ingress replica answer HTTP on a port of its own (direct ingress) and hold itself
+    open for 30 s when it stops, so that a load balancer in front can deregister it. On one machine nothing
+    sits in front of it: a stopping replica waits only for its requests in flight (at least
+    ``LOCAL_DRAIN_S``), and Ctrl-C on ``make serve`` returns in seconds instead of ~35."""
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", str(LOCAL_DRAIN_S))
 
 
 def pin_serve_grpc_to_loopback() -> None:

@@ -157,6 +157,13 @@ class VllmEngineConfig(StrictModel):
         description="Remote drafting: draft step t+1 while vLLM verifies step t, assuming full acceptance. "
         "None: only for drafters with a cost (draft models), not for free n-gram lookup.",
     )
+    stream_interval: int = Field(
+        1, ge=1, le=256,
+        description="Tokens per streamed chunk (vLLM's stream_interval): the engine hands a request's output on "
+        "once this many new tokens are ready, and always at its first token and at its end. 1 sends every "
+        "engine step; larger values cut the per-chunk work of the path around the engine (replica, Serve "
+        "proxy, client) at the cost of burstier streams.",
+    )
     drafting_switch: bool = Field(
         True,
         description="Our proposers (remote, local): from 4 sequences up, time whole engine steps per batch-size "

@@ -71,30 +71,40 @@ def start_core(loop, config: dict):
     return core
 
 
-async def collect(core, prompt_ids: list[int], params: SamplingParams):
-    tokens, last = [], None
+async def collect(core, prompt_ids: list[int], params: SamplingParams, chunks: list[int] | None = None):
+    """(tokens, last chunk) of one request; ``chunks`` gets the number of chunks it streamed."""
+    tokens, last, n = [], None, 0
     async for chunk in core.generate(prompt_ids, params, "test"):
         tokens += chunk.token_ids
-        last = chunk
+        last, n = chunk, n + 1
+    if chunks is not None:
+        chunks.append(n)
     return tokens, last
 
 
-def run_all(loop, core, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY):
-    """All prompts at once (continuous batching), results in prompt order; ``params`` per prompt or for all."""
+def run_all(loop, core, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY,
+            chunks: list[list[int]] | None = None):
+    """All prompts at once (continuous batching), results in prompt order; ``params`` per prompt or for all;
+    ``chunks`` gets each request's chunk count, in prompt order."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    counts = [[] for _ in prompts]
 
     async def body():
-        return await asyncio.gather(*[collect(core, p, sp) for p, sp in zip(prompts, per_prompt)])
+        return await asyncio.gather(*[collect(core, p, sp, c) for p, sp, c in zip(prompts, per_prompt, counts)])
 
-    return loop.run_until_complete(body())
+    results = loop.run_until_complete(body())
+    if chunks is not None:
+        chunks.extend(c[0] for c in counts)
+    return results
 
 
-def run_once(loop, config: dict, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY):
+def run_once(loop, config: dict, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY,
+             chunks: list[int] | None = None):
     """Start a core, decode all prompts at once, stop it: (results, proposer counters, draft workers started)."""
     core = start_core(loop, config)
     try:
         workers = len(core.workers)
-        results = run_all(loop, core, prompts, params)
+        results = run_all(loop, core, prompts, params, chunks)
         return results, loop.run_until_complete(core.refresh_proposer_stats()), workers
     finally:
         core.shutdown()
@@ -169,13 +179,17 @@ def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts
 def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference,
                                                                             real_target):
     # Our n-gram in vLLM's worker, adaptive k from the verification cost it measures. The 3 short prompts
-    # run a second time in the same batch with "speculative": false: plain decoding, same tokens.
+    # run a second time in the same batch with "speculative": false: plain decoding, same tokens. Chunks carry
+    # 4 tokens or more (stream_interval), except a request's first and last: same tokens, fewer chunks.
     plain = GREEDY.model_copy(update={"speculative": False})
+    chunks: list[int] = []
     results, stats, workers = run_once(loop, replica({"kind": "ngram", "vllm_placement": "vllm_worker",
-                                                      "num_speculative_tokens": 4}),
-                                       prompts + prompts[:3], [GREEDY] * len(prompts) + [plain] * 3)
+                                                      "num_speculative_tokens": 4}, stream_interval=4),
+                                       prompts + prompts[:3], [GREEDY] * len(prompts) + [plain] * 3, chunks)
     assert workers == 0, "local drafting starts no draft worker"
     assert_plain_outputs([tokens for tokens, _ in results], reference + reference[:3], prompts + prompts[:3], real_target)
+    for (tokens, _), n in zip(results, chunks):
+        assert 1 <= n <= 2 + (len(tokens) - 1) // 4, f"{n} chunks for {len(tokens)} tokens at stream_interval 4"
     assert sum(last.stats["num_accepted_tokens"] for _, last in results[: len(prompts)]) > 0
     assert sum(last.stats["num_draft_tokens"] for _, last in results[:3]) > 0, "the speculative twins drafted"
     assert [last.stats["num_draft_tokens"] for _, last in results[len(prompts):]] == [0, 0, 0]
