@@ -71,31 +71,33 @@ def start_core(loop, config: dict):
     return core
 
 
-async def collect(core, prompt_ids: list[int], params: SamplingParams, chunks: list[int] | None = None):
-    """(tokens, last chunk) of one request; ``chunks`` gets the number of chunks it streamed."""
+async def stream(core, prompt_ids: list[int], params: SamplingParams):
+    """(tokens, last chunk, number of chunks) of one request."""
     tokens, last, n = [], None, 0
     async for chunk in core.generate(prompt_ids, params, "test"):
         tokens += chunk.token_ids
         last, n = chunk, n + 1
-    if chunks is not None:
-        chunks.append(n)
+    return tokens, last, n
+
+
+async def collect(core, prompt_ids: list[int], params: SamplingParams):
+    tokens, last, _ = await stream(core, prompt_ids, params)
     return tokens, last
 
 
 def run_all(loop, core, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY,
-            chunks: list[list[int]] | None = None):
+            chunks: list[int] | None = None):
     """All prompts at once (continuous batching), results in prompt order; ``params`` per prompt or for all;
-    ``chunks`` gets each request's chunk count, in prompt order."""
+    ``chunks`` gets each request's number of chunks, in prompt order."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-    counts = [[] for _ in prompts]
 
     async def body():
-        return await asyncio.gather(*[collect(core, p, sp, c) for p, sp, c in zip(prompts, per_prompt, counts)])
+        return await asyncio.gather(*[stream(core, p, sp) for p, sp in zip(prompts, per_prompt)])
 
     results = loop.run_until_complete(body())
     if chunks is not None:
-        chunks.extend(c[0] for c in counts)
-    return results
+        chunks.extend(n for _, _, n in results)
+    return [(tokens, last) for tokens, last, _ in results]
 
 
 def run_once(loop, config: dict, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = GREEDY,
