@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ray.exceptions import RayActorError
+from ray.exceptions import RayError
 
 from actors.metrics import RouterMetrics
 from actors.target_worker import TargetGroup
@@ -136,7 +136,10 @@ class Batcher:
                     results = await self.group.step_batch([p.req for p in batch])
                 except Exception as e:  # noqa: BLE001 - whatever broke the pass, the loop must live on
                     self._fail(batch, f"target worker failed during generation: {e}")
-                    if isinstance(e, RayActorError):  # a rank died: the process group is broken
+                    # Any rank's failure breaks the group, whichever error comes back first: a rank that died
+                    # (RayActorError), or a live rank whose collective lost its peer (RayTaskError). Either
+                    # way the ranks are out of lockstep and their caches unknown.
+                    if isinstance(e, RayError):
                         self._fail(self.queue, "target group failed during this request")
                         self.queue = []
                         await self.on_failure(self.group)

@@ -307,7 +307,7 @@ class RouterCore(ReplicaCore):
 
     async def group_failed(self, group: TargetGroup) -> None:
         """Rebuild a group whose rank died (once, however many requests noticed)."""
-        if group.index in self.rebuilding:
+        if group.index in self.rebuilding or group.closed:
             return
         log.error("target group %d failed; rebuilding", group.index)
 
@@ -320,7 +320,9 @@ class RouterCore(ReplicaCore):
         self.rebuilding[group.index] = asyncio.get_running_loop().create_task(rebuild())
 
     def shutdown(self) -> None:
-        """Stop every actor this router started."""
+        """Stop every actor this router started, and any rebuild under way (it releases what it reserved)."""
+        for task in self.rebuilding.values():
+            task.cancel()
         if self.suffix_sync is not None:
             self.suffix_sync.stop()
         for g in self.groups:

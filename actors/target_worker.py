@@ -22,6 +22,7 @@ from actors.calls import submit
 from cluster.config import ActorResources, TopologyConfig
 from cluster.placement import actor_options, torch_threads, tp_bundles
 from specserve.config import ModelConfig, SamplingParams
+from specserve.errors import TargetFailed
 from specserve.target import StepRequest, StepResult, TreeStepRequest, Verifier
 
 
@@ -91,27 +92,42 @@ class TargetGroup:
         self.pg = None
         self.lock = asyncio.Lock()  # one verification pass at a time: ranks must see the same call order
         self.generation = 0
+        self.closed = False  # set by shutdown: no build may start or finish afterwards
 
     async def build(self) -> None:
-        """Reserve the group's bundles (STRICT_PACK by default) and start its ranks."""
+        """Reserve the group's bundles (STRICT_PACK by default) and start its ranks.
+
+        A build cut short (cancelled, a rank that failed to start, or ``shutdown`` meanwhile) leaves
+        nothing behind: the bundles it reserved and the ranks it started are released before it raises.
+        """
+        if self.closed:
+            raise TargetFailed(f"target group {self.index} is shut down")
         tp = self.topology.tensor_parallel_size
         res: ActorResources = self.topology.target_rank
-        self.pg = placement_group(tp_bundles(res, tp), strategy=self.topology.placement_strategy)
-        await self.pg.ready()
-        backend = self.topology.backend
-        if backend == "auto":
-            backend = "nccl" if res.num_gpus > 0 else "gloo"
-        # Rank 0's node hosts the rendezvous; the ranks of a STRICT_PACK group share that node.
-        master = f"{ray.util.get_node_ip_address()}:{_free_port()}"
-        self.ranks = [
-            TargetRank.options(
-                **actor_options(res),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(r, tp, master, self.model_cfg.model_dump(mode="json"), self.hidden_layers, backend,
-                     res.num_threads)
-            for r in range(tp)
-        ]
-        self.infos = await asyncio.gather(*[submit(r.info) for r in self.ranks])
+        pg = self.pg = placement_group(tp_bundles(res, tp), strategy=self.topology.placement_strategy)
+        try:
+            await pg.ready()
+            if self.closed:
+                raise TargetFailed(f"target group {self.index} was shut down while it was being built")
+            backend = self.topology.backend
+            if backend == "auto":
+                backend = "nccl" if res.num_gpus > 0 else "gloo"
+            # Rank 0's node hosts the rendezvous; the ranks of a STRICT_PACK group share that node.
+            master = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+            self.ranks = [
+                TargetRank.options(
+                    **actor_options(res),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+                ).remote(r, tp, master, self.model_cfg.model_dump(mode="json"), self.hidden_layers, backend,
+                         res.num_threads)
+                for r in range(tp)
+            ]
+            self.infos = await asyncio.gather(*[submit(r.info) for r in self.ranks])
+            if self.closed:
+                raise TargetFailed(f"target group {self.index} was shut down while it was being built")
+        except BaseException:
+            self._release()  # this build's ranks and bundles (already gone if ``shutdown`` came first)
+            raise
         self.generation += 1
 
     async def add(self, seq_id: str, prompt_ids: list[int], params: dict):
@@ -135,10 +151,15 @@ class TargetGroup:
 
     async def rebuild(self) -> None:
         """Kill every rank (one died, the process group is broken) and start a fresh group."""
-        self.shutdown()
+        self._release()
         await self.build()
 
     def shutdown(self) -> None:
+        """Stop the group for good: its ranks, its bundles, and any build under way (which then raises)."""
+        self.closed = True
+        self._release()
+
+    def _release(self) -> None:
         for r in self.ranks:
             ray.kill(r, no_restart=True)
         self.ranks = []

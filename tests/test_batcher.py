@@ -149,3 +149,35 @@ def test_one_long_draft_in_a_big_pass_is_cut_to_what_pays_and_reported_as_such()
     assert widths[1] == {"fixed": 3}
     assert results[0].num_verified == 0
     assert results[-1].num_verified is None
+
+
+def test_a_pass_failing_on_a_live_rank_rebuilds_the_group_too():
+    # A rank of a tensor-parallel group died mid-pass; the first error back may be the live rank's own (its
+    # collective lost its peer: a RayTaskError), not the dead rank's RayActorError. Either breaks the group.
+    from ray.exceptions import RayTaskError
+
+    from specserve.errors import TargetFailed
+
+    class _BrokenGroup(_Group):
+        async def step_batch(self, reqs):
+            await asyncio.sleep(PASS_S)
+            raise RayTaskError("step_batch", "Traceback: gloo connection closed by peer",
+                               RuntimeError("Connection closed by peer"))
+
+    async def run():
+        group, rebuilt = _BrokenGroup(), []
+
+        async def on_failure(g):
+            rebuilt.append(g)
+
+        batcher = Batcher(group, 16, on_failure, VerifyCost(0.03), _Metrics(), 0.0,
+                          clock=asyncio.get_running_loop().time)
+        results = await asyncio.gather(batcher.submit(StepRequest("a", 0, [], None)),
+                                       batcher.submit(StepRequest("b", 0, [], None)), return_exceptions=True)
+        await asyncio.sleep(0)
+        batcher.task.cancel()
+        return results, rebuilt
+
+    results, rebuilt = _run(run())
+    assert all(isinstance(r, TargetFailed) for r in results), results
+    assert len(rebuilt) == 1

@@ -227,6 +227,38 @@ def test_a_dead_target_rank_fails_its_requests_clearly_and_the_group_is_rebuilt(
     assert held["router"] == 0 and held["target_groups"] == [0]
 
 
+def test_a_router_shut_down_as_a_rebuild_is_called_for_leaves_no_bundle_or_rank_behind(cluster, even_tiny_dir):
+    # A request saw the rank die and failed, and the replica stopped at once: the rebuild task then first ran after
+    # the shutdown. Had it built its group anyway, that group would hold the target node's CPUs for good, and the
+    # next group there would wait forever for its bundles.
+    import ray
+    from ray.util import placement_group_table
+
+    from actors.router import RouterCore
+
+    def reserved():
+        return sorted(p["state"] for p in placement_group_table().values() if p["state"] != "REMOVED")
+
+    async def main():
+        core = RouterCore(app_config(even_tiny_dir))
+        await core.start()
+        try:
+            await core.group_failed(core.groups[0])  # schedules the rebuild; nothing here yields before the shutdown
+        finally:
+            core.shutdown()
+        await asyncio.sleep(1.0)  # what a rebuild left running would do now, it does here
+        return core.groups[0]
+
+    group = asyncio.run(main())
+    for _ in range(100):
+        if not reserved() and ray.available_resources().get("target_node", 0) == pytest.approx(1.0):
+            break
+        time.sleep(0.1)
+    assert reserved() == []
+    assert ray.available_resources().get("target_node", 0) == pytest.approx(1.0)
+    assert group.ranks == [] and group.pg is None
+
+
 def test_a_replica_without_a_drafter_decodes_plainly_and_holds_nothing_afterwards(cluster, even_tiny_dir, reference,
                                                                                   tokenizer):
     cfg = app_config(even_tiny_dir, drafter={"kind": "none", "num_speculative_tokens": 0})
