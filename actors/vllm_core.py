@@ -121,6 +121,7 @@ class VllmCore(ReplicaCore):
         self.proposer_stats: dict = {}  # the proposer's counters, read every STATS_PERIOD_S
         self._stats_task: asyncio.Task | None = None
         self.suffix_syncs: list[SuffixSync] = []  # one per engine when the suffix cache is shared (actors.suffix_hub)
+        self.closed = False  # set by shutdown: a start still under way stops what it started and raises
 
     # ------------------------------------------------------------------------------- startup
 
@@ -154,6 +155,7 @@ class VllmCore(ReplicaCore):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.model.vllm.kv_cache_gb)))
         if self.remote_drafting:
             await self._start_workers()
+            self._stop_if_closed()
         args = self.engine_args()
         # The engine's processes end themselves once this replica is gone, however it dies (actors.vllm_watchdog).
         os.environ[OWNER_ENV] = str(os.getpid())
@@ -161,15 +163,23 @@ class VllmCore(ReplicaCore):
             # Building an engine blocks until its processes have loaded the model: off the event loop, so the
             # replica answers (readiness 503s) meanwhile. Its output handler starts with the first request.
             self.engines.append(await asyncio.to_thread(AsyncLLM.from_engine_args, args))
+            self._stop_if_closed()  # the replica stopped while this engine loaded: stop it rather than leave it
         if self.proposer_drafting:
             for engine in self.engines:
                 await self._attach(engine)
+            self._stop_if_closed()
             self._stats_task = asyncio.create_task(self._read_stats())
             if cfg.drafter.suffix_shared_cache:  # each engine trades with the hub (and so with this replica's others)
                 self.suffix_syncs = [SuffixSync(VllmWorkerCache(e), hub_name(cfg.model.model),
                                                 cfg.drafter.suffix_cache_requests) for e in self.engines]
                 for sync in self.suffix_syncs:
                     sync.start()
+
+    def _stop_if_closed(self) -> None:
+        """After each slow step of ``start``: if ``shutdown`` came meanwhile, stop what was started since and raise."""
+        if self.closed:
+            self.shutdown()
+            raise TargetFailed("the model replica was shut down while it started")
 
     async def _attach(self, engine) -> None:
         """Hand our proposer its model runner through vLLM's worker extension; refuse to serve without it
@@ -403,7 +413,9 @@ class VllmCore(ReplicaCore):
         return bool(self.engines) and not any(e.errored for e in self.engines)
 
     def shutdown(self) -> None:
-        """Stop the engines and every actor this core started."""
+        """Stop the engines and every actor this core started (and, through ``_stop_if_closed``, what a start
+        still under way starts after this)."""
+        self.closed = True
         if self._stats_task is not None:
             self._stats_task.cancel()
         for sync in self.suffix_syncs:

@@ -346,6 +346,39 @@ def test_a_prompt_beyond_the_context_is_refused_naming_the_field(loop, ngram_cor
     assert e.value.param in ("prompt", "messages")
 
 
+def test_a_core_shut_down_while_its_engine_loads_stops_that_engine_and_says_so(loop, ray_local):
+    # A replica stopped while its engine loads (Serve calls its __del__, which shuts the core down): the engine
+    # whose build finishes afterwards must not start serving nobody, its processes alive until the replica's
+    # process ends.
+    from actors.config import ReplicaConfig
+    from actors.vllm_core import VllmCore
+    from cluster.processes import ENGINE_TITLE, find_by_title, process_tree, wait_gone
+    from specserve.errors import TargetFailed
+
+    def engine_processes():
+        return {p.pid: p for p in find_by_title(ENGINE_TITLE, process_tree(os.getpid()))}
+
+    before = set(engine_processes())
+    core = VllmCore(ReplicaConfig.model_validate(replica({"kind": "none", "num_speculative_tokens": 0})))
+    started: dict = {}
+
+    async def main():
+        start = asyncio.ensure_future(core.start())
+        for _ in range(1200):  # until the engine's first process exists: its build is under way
+            started.update({pid: p for pid, p in engine_processes().items() if pid not in before})
+            if started or start.done():
+                break
+            await asyncio.sleep(0.1)
+        core.shutdown()
+        with pytest.raises(TargetFailed, match="shut down while it started"):
+            await start
+
+    loop.run_until_complete(main())
+    assert started, "the engine's processes never appeared: the shutdown did not fall inside the engine's build"
+    assert core.engines == []
+    assert wait_gone(list(started.values()), 60) == []
+
+
 def test_tensor_parallel_that_does_not_divide_the_heads_is_refused(default_dir):
     from actors.vllm_core import check_tensor_parallel
     from specserve.config import ModelConfig
