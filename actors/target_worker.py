@@ -100,15 +100,13 @@ class TargetGroup:
         A build cut short (cancelled, a rank that failed to start, or ``shutdown`` meanwhile) leaves
         nothing behind: the bundles it reserved and the ranks it started are released before it raises.
         """
-        if self.closed:
-            raise TargetFailed(f"target group {self.index} is shut down")
+        self._check_open()
         tp = self.topology.tensor_parallel_size
         res: ActorResources = self.topology.target_rank
         pg = self.pg = placement_group(tp_bundles(res, tp), strategy=self.topology.placement_strategy)
         try:
             await pg.ready()
-            if self.closed:
-                raise TargetFailed(f"target group {self.index} was shut down while it was being built")
+            self._check_open()
             backend = self.topology.backend
             if backend == "auto":
                 backend = "nccl" if res.num_gpus > 0 else "gloo"
@@ -123,8 +121,7 @@ class TargetGroup:
                 for r in range(tp)
             ]
             self.infos = await asyncio.gather(*[submit(r.info) for r in self.ranks])
-            if self.closed:
-                raise TargetFailed(f"target group {self.index} was shut down while it was being built")
+            self._check_open()
         except BaseException:
             self._release()  # this build's ranks and bundles (already gone if ``shutdown`` came first)
             raise
@@ -158,6 +155,10 @@ class TargetGroup:
         """Stop the group for good: its ranks, its bundles, and any build under way (which then raises)."""
         self.closed = True
         self._release()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise TargetFailed(f"target group {self.index} was shut down")
 
     def _release(self) -> None:
         for r in self.ranks:
