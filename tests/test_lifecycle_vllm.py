@@ -115,10 +115,12 @@ def test_health_is_503_json_while_the_engine_starts_and_200_once_it_serves(serve
     assert len(titled(server["tag"], "VLLM::EngineCore")) == 1
 
 
-async def _stream(client: httpx.AsyncClient, base: str, prompt: str) -> dict:
+async def _stream(client: httpx.AsyncClient, base: str, prompt: str, out: dict | None = None) -> dict:
+    """One streamed chat request; ``out`` (filled as the stream goes) lets the caller watch its progress."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 128,
             "temperature": 0, "stream": True}
-    out = {"status": None, "done": False, "error": None, "text": ""}
+    out = {} if out is None else out
+    out.update({"status": None, "done": False, "error": None, "text": ""})
     try:
         async with client.stream("POST", base + "/v1/chat/completions", json=body) as resp:
             out["status"] = resp.status_code
@@ -147,9 +149,15 @@ def test_killing_the_engine_core_under_load_ends_every_stream_and_serve_replaces
 
     async def load() -> list[dict]:
         async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10)) as client:
-            tasks = [asyncio.create_task(_stream(client, base, f"Write a long story about the number {i}."))
-                     for i in range(8)]
-            await asyncio.sleep(3)  # every stream is decoding
+            outs = [{} for _ in range(8)]
+            tasks = [asyncio.create_task(_stream(client, base, f"Write a long story about the number {i}.", out))
+                     for i, out in enumerate(outs)]
+            # Kill as soon as every stream is decoding (has text, not done): a fixed wait let a fast machine
+            # finish all eight first.
+            for _ in range(600):
+                if all(o.get("text") for o in outs) or any(o.get("done") or o.get("error") for o in outs):
+                    break
+                await asyncio.sleep(0.1)
             os.kill(next(iter(engine)), signal.SIGKILL)
             return await asyncio.wait_for(asyncio.gather(*tasks), 180)  # none hangs
 
