@@ -44,6 +44,7 @@ from actors.suffix_hub import SuffixSync, VllmWorkerCache, hub_name
 from actors.vllm_proposer import CONFIG_KEY, SPECULATIVE_ARG, TENANT_ARG
 from actors.vllm_watchdog import OWNER_ENV
 from cluster.placement import actor_options
+from cluster.processes import pin_engine_cores
 from specserve.config import SamplingParams, check_engine_fits
 from specserve.errors import SpecServeError, TargetFailed
 from specserve.models import ModelInfo, resolve_dtype
@@ -164,6 +165,9 @@ class VllmCore(ReplicaCore):
             # replica answers (readiness 503s) meanwhile. Its output handler starts with the first request.
             self.engines.append(await asyncio.to_thread(AsyncLLM.from_engine_args, args))
             self._stop_if_closed()  # the replica stopped while this engine loaded: stop it rather than leave it
+        if cfg.model.vllm.engine_core_on_worker_cores:
+            for pid, cpus in pin_engine_cores(os.getpid()).items():
+                log.info("vLLM engine core %d runs on its workers' cores %s", pid, sorted(cpus))
         if self.proposer_drafting:
             for engine in self.engines:
                 await self._attach(engine)

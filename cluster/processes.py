@@ -238,3 +238,46 @@ def machine_busy_seconds() -> float:
     user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in
                                                          (PROC / "stat").read_text().split()[1:8])
     return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+# ------------------------------------------------------------------------------------- cores
+
+ENGINE_CORE_TITLE = re.compile(r"^VLLM::EngineCore")
+WORKER_TITLE = re.compile(r"^VLLM::Worker")
+
+
+def set_cpus(pid: int, cpus: set[int]) -> int:
+    """Bind every thread of ``pid`` to ``cpus`` (threads it starts later inherit it); the threads bound."""
+    bound = 0
+    for tid in thread_ids(pid):
+        try:
+            os.sched_setaffinity(tid, cpus)
+            bound += 1
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            continue
+    return bound
+
+
+def pin_engine_cores(owner: int, engine_title: re.Pattern = ENGINE_CORE_TITLE,
+                     worker_title: re.Pattern = WORKER_TITLE) -> dict[int, set[int]]:
+    """Put each vLLM engine core under ``owner`` on the cores its own workers are bound to.
+
+    vLLM's CPU workers bind to their cores and leave the engine core (scheduler) free to run anywhere, so
+    it runs on the core that the path around the engine (API server or Serve replica, proxy, Ray's daemons)
+    needs. Scheduling is synchronous on the CPU: the engine core works only while its workers wait for it
+    and the other way round (both busy-poll with ``sched_yield``), so one core serves both, and the other
+    cores are left to the path. Engines whose workers are not bound (GPUs) are left alone. Returns
+    ``{engine core pid: cores}`` for the engine cores moved.
+    """
+    procs = all_processes()
+    moved = {}
+    for core in [p for p in process_tree(owner, procs).values() if engine_title.search(p.title)]:
+        workers = [p for p in process_tree(core.pid, procs).values() if worker_title.search(p.title)]
+        try:
+            cpus = set().union(*(os.sched_getaffinity(w.pid) for w in workers))
+            now = os.sched_getaffinity(core.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+        if cpus and cpus < now and set_cpus(core.pid, cpus):
+            moved[core.pid] = cpus
+    return moved

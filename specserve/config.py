@@ -164,6 +164,14 @@ class VllmEngineConfig(StrictModel):
         "engine step; larger values cut the per-chunk work of the path around the engine (replica, Serve "
         "proxy, client) at the cost of burstier streams.",
     )
+    engine_core_on_worker_cores: bool = Field(
+        True,
+        description="Run vLLM's engine core (its scheduler process) on the cores its workers are bound to (vLLM's "
+        "CPU workers bind to cores; on GPUs nothing is bound and this changes nothing). vLLM leaves the engine core "
+        "free, so on the CPU it runs on the cores the path around the engine (replicas, Serve's proxy, Ray) needs; "
+        "with scheduling synchronous there, engine core and worker take turns and one core serves both. Measured "
+        "1.2x / 1.4x at 16 / 64 streams on 2 cores (docs/benchmarks.md, section 4, December 7, late).",
+    )
     drafting_switch: bool = Field(
         True,
         description="Our proposers (remote, local): from 4 sequences up, time whole engine steps per batch-size "

@@ -5,6 +5,7 @@ profile, run against real processes and a real HTTP server."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -402,6 +403,53 @@ def test_cpu_profile_charges_a_server_process_by_role_with_its_cores():
     assert row["cpu_s_per_1k_tokens"] == pytest.approx(row["cpu_s"] / 2)
     assert sum(row["cores"].values()) == pytest.approx(1.0) and row["cpus_allowed"]
     assert CLIENT in cpu
+
+
+#: A stand-in engine core with one extra thread and a worker child that binds itself to the cores in argv[2]
+#: ("" leaves it unbound, as on a GPU); argv[3] is Python. Prints the worker's pid; on a line in, the cores of each of its threads.
+ENGINE_CORE = r"""
+import os, subprocess, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+bind = f"import os\nos.sched_setaffinity(0, {{{sys.argv[2]}}})\n" if sys.argv[2] else ""
+worker = subprocess.Popen([sys.argv[1], "-c", bind + "import time\nprint('up', flush=True)\ntime.sleep(60)"],
+                          executable=sys.argv[3], stdout=subprocess.PIPE, text=True)
+worker.stdout.readline()
+print(worker.pid, flush=True)
+while sys.stdin.readline():
+    print(sorted(sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")), flush=True)
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores: one for the worker, one left free")
+def test_an_engine_core_is_put_on_its_bound_workers_cores_and_one_with_unbound_workers_is_left_alone():
+    from cluster.processes import pin_engine_cores
+
+    mine = sorted(os.sched_getaffinity(0))
+    cores, workers = [], []
+    try:
+        for bind in (str(mine[-1]), ""):
+            cores.append(subprocess.Popen([ENGINE_TITLE, "-c", ENGINE_CORE, WORKER_TITLE, bind, sys.executable],
+                                          executable=sys.executable, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          text=True))
+            workers.append(int(cores[-1].stdout.readline()))
+        moved = pin_engine_cores(os.getpid())
+        assert moved == {cores[0].pid: {mine[-1]}}, "only the engine core whose worker is bound moves, to its core"
+        threads = []
+        for core in cores:
+            core.stdin.write("cores?\n")
+            core.stdin.flush()
+            threads.append(ast.literal_eval(core.stdout.readline()))
+        assert threads[0] == [[mine[-1]]] * 2, "every thread of the moved engine core runs on its worker's core"
+        assert threads[1] == [mine] * 2, "an engine core whose workers are not bound stays where it was"
+        assert os.sched_getaffinity(workers[0]) == {mine[-1]} and os.sched_getaffinity(workers[1]) == set(mine)
+    finally:
+        for pid in workers + [core.pid for core in cores]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        for core in cores:
+            core.wait()
 
 
 def _bench_serve_args(*extra: str):

@@ -178,6 +178,23 @@ def test_remote_ngram_is_token_identical_to_plain_vllm(loop, ngram_core, prompts
     assert loop.run_until_complete(ngram_core.refresh_proposer_stats()).get("failed", 0) == 0
 
 
+def test_the_engine_core_runs_on_the_cores_its_worker_is_bound_to(ngram_core):
+    # vLLM binds its CPU worker to a core and leaves the engine core free to run on the path's core
+    # (model.vllm.engine_core_on_worker_cores, on by default, moves it).
+    from cluster.processes import ENGINE_CORE_TITLE, WORKER_TITLE, all_processes, process_tree, thread_ids
+
+    procs = all_processes()
+    engine_cores = [p for p in process_tree(os.getpid(), procs).values() if ENGINE_CORE_TITLE.search(p.title)]
+    assert engine_cores, "no vLLM engine core under this process"
+    for core in engine_cores:
+        workers = [p for p in process_tree(core.pid, procs).values() if WORKER_TITLE.search(p.title)]
+        bound = set().union(*(os.sched_getaffinity(w.pid) for w in workers))
+        if not bound < os.sched_getaffinity(0):
+            pytest.skip(f"vLLM left its worker unbound ({sorted(bound)}): nothing to move the engine core to")
+        assert {tid: os.sched_getaffinity(tid) for tid in thread_ids(core.pid)} == dict.fromkeys(
+            thread_ids(core.pid), bound)
+
+
 def test_the_local_ngram_drafter_inside_vllm_is_token_identical_to_plain_vllm(loop, ray_local, prompts, reference,
                                                                             real_target):
     # Our n-gram in vLLM's worker, adaptive k from the verification cost it measures. The 3 short prompts
