@@ -25,10 +25,14 @@ ENGINE_TITLE = re.compile(r"^VLLM::|vllm\.entrypoints")
 #: and the Python daemons and native binaries shipped in the ray package.
 RAY_TITLE = re.compile(r"^ray::|^ray-dashboard-|ray\.dashboard\.|/ray/(core/src/ray|dashboard|autoscaler|_private)/")
 
+#: vLLM's engine core (scheduler) and its workers.
+ENGINE_CORE_TITLE = re.compile(r"^VLLM::EngineCore")
+WORKER_TITLE = re.compile(r"^VLLM::Worker")
+
 #: Process roles by title, first match wins; ``{0}`` is the pattern's first group.
 ROLES: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"^VLLM::EngineCore"), "VLLM::EngineCore"),
-    (re.compile(r"^VLLM::Worker"), "VLLM::Worker"),
+    (ENGINE_CORE_TITLE, "VLLM::EngineCore"),
+    (WORKER_TITLE, "VLLM::Worker"),
     (re.compile(r"^VLLM::APIServer|vllm\.entrypoints"), "vllm serve API server"),
     (re.compile(r"^(VLLM::\w+)"), "{0}"),
     (re.compile(r"^ray::ProxyActor"), "Serve proxy"),
@@ -242,9 +246,6 @@ def machine_busy_seconds() -> float:
 
 # ------------------------------------------------------------------------------------- cores
 
-ENGINE_CORE_TITLE = re.compile(r"^VLLM::EngineCore")
-WORKER_TITLE = re.compile(r"^VLLM::Worker")
-
 
 def set_cpus(pid: int, cpus: set[int]) -> int:
     """Bind every thread of ``pid`` to ``cpus`` (threads it starts later inherit it); the threads bound."""
@@ -253,7 +254,7 @@ def set_cpus(pid: int, cpus: set[int]) -> int:
         try:
             os.sched_setaffinity(tid, cpus)
             bound += 1
-        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile, or not ours to move
             continue
     return bound
 
